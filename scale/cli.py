@@ -1,0 +1,88 @@
+"""`scale` command line.
+
+    scale fit --config configs/smoke.yaml [--trainer.max_steps 100 ...]   LightningCLI (also validate, --print_config)
+    scale demo-data --out DIR --products N --seed S                      demo products as real media files
+    scale shards --src RAW --out DIR                                     raw products -> tar shards
+    scale export --ckpt CKPT --out DIR                                   checkpoint -> safetensors + config
+    scale evaluate --model DIR --data SHARDS [--compare-random]          retrieval / probe / clustering
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+TOOLS = {
+    "demo-data": ("datamodules.demo", "write demo products (JPEG, MP4, WAV, meta.jsonl)"),
+    "shards": ("datamodules.shards", "convert a raw product folder into webdataset shards"),
+    "export": ("scale.export", "export a checkpoint for downstream use"),
+    "evaluate": ("scale.evaluate", "evaluate an exported model on shards"),
+}
+
+
+def _run_tool(name: str, argv: list[str]) -> None:
+    module = importlib.import_module(TOOLS[name][0])
+    parser = argparse.ArgumentParser(prog=f"scale {name}", description=TOOLS[name][1])
+    module.add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        module.run(args)
+    except (FileNotFoundError, ValueError) as error:
+        # Bad input: one line naming what is wrong, no traceback.
+        sys.exit(f"scale {name}: error: {error}")
+
+
+def _lightning_cli(argv: list[str] | None) -> None:
+    import torch
+    from lightning.pytorch.cli import LightningCLI
+
+    from datamodules.m5product import M5ProductDataModule
+    from scale.module import SCALEModule
+
+    class SCALECLI(LightningCLI):
+        def add_arguments_to_parser(self, parser) -> None:
+            # One source of truth for input shapes: the data module decodes what the model expects.
+            parser.link_arguments("model.config", "data.model_config", apply_on="parse")
+
+        def before_instantiate_classes(self) -> None:
+            # bf16 autocast on GPU, full precision on CPU, unless the config says otherwise.
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            if config.trainer.precision is None:
+                config.trainer.precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
+            # Checkpoints without a dirpath go to <default_root_dir>/checkpoints (not under the
+            # logger's versioned folder), so one flag moves a whole run and `last.ckpt` is findable.
+            root = config.trainer.default_root_dir or "."
+            for callback in config.trainer.callbacks or []:
+                if callback.class_path.endswith("ModelCheckpoint") and not callback.init_args.get("dirpath"):
+                    callback.init_args["dirpath"] = os.path.join(root, "checkpoints")
+
+    SCALECLI(
+        SCALEModule,
+        M5ProductDataModule,
+        args=argv,
+        # On SLURM requeue the same run directory is reused: the saved config must be overwritable.
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"parser_mode": "yaml"},
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args and args[0] in TOOLS:
+        _run_tool(args[0], args[1:])
+    elif args and args[0] in ("-h", "--help"):
+        print(__doc__)
+    else:
+        try:
+            _lightning_cli(argv)  # None: LightningCLI reads sys.argv itself
+        except (FileNotFoundError, ValueError) as error:
+            if os.environ.get("SCALE_DEBUG"):
+                raise
+            # Bad input (a missing shard folder, an invalid setting): one line, not a traceback.
+            sys.exit(f"scale {args[0] if args else 'fit'}: error: {error} (SCALE_DEBUG=1 for the traceback)")
+
+
+if __name__ == "__main__":
+    main()

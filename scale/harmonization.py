@@ -1,0 +1,37 @@
+"""Self-harmonization: how much each modality and each modality pair counts, per sample.
+
+Official variant (`per_sample`, no parameters), for one sample with pooled vectors v_1..v_M:
+    S = cosine(v_i, v_j)            (M x M)
+    R = S * softmax_row(S)          (elementwise)
+    G = R / ||R||_2 (row-wise)
+G[i, j] (i != j) scales the contrastive logits of pair (i, j); G[m, m], computed from the
+post-fusion pooled vectors, scales the masked-modeling loss of modality m. Recomputed every step
+and not detached, as in the official code.
+
+A sample's absent modalities are removed *before* the softmax and the normalisation (their rows
+and columns are zero), so the weights of the present modalities do not depend on the garbage the
+encoders produce for absent inputs. With one present modality, G = [[1]]; with none, all zeros.
+`uniform` sets every present entry to 1 (ablation).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def harmonization_weights(pooled: Tensor, present: Tensor, mode: str = "per_sample", eps: float = 1e-6) -> Tensor:
+    """pooled (B, M, D), present (B, M) bool -> weights (B, M, M), zero wherever i or j is absent."""
+    pair_present = present[:, :, None] & present[:, None, :]
+    if mode == "uniform":
+        return pair_present.to(pooled.dtype)
+    if mode != "per_sample":
+        raise ValueError(f"harmonization.mode {mode!r}: expected 'per_sample' or 'uniform'")
+    unit = F.normalize(pooled.float(), dim=-1)
+    similarity = unit @ unit.transpose(1, 2)
+    # A large finite negative (not -inf) for excluded entries: softmax of a fully excluded row then
+    # stays finite, so no NaN can reach the backward pass through the unused branch of `where`.
+    attention = torch.softmax(similarity.masked_fill(~pair_present, -1e4), dim=-1)
+    raw = torch.where(pair_present, similarity * attention, torch.zeros_like(similarity))
+    return raw / raw.norm(dim=-1, keepdim=True).clamp_min(eps)

@@ -1,0 +1,91 @@
+"""Inter-modality contrastive loss, exact under data parallelism.
+
+For every pair of modalities (i, j) and both directions, each local query of modality i is scored
+against the keys of modality j from *every* rank (gathered with gradient, open_clip's "local loss":
+memory linear in the global batch). A query counts only if its sample has both modalities; keys of
+samples that lack modality j are excluded from the softmax.
+
+Normalisation is global: each rank divides its summed loss by (global number of valid queries /
+world size). DDP then averages the gradients over ranks, which gives exactly the gradient of the
+mean over the concatenated global batch, even when ranks hold different numbers of valid queries.
+`tests/test_losses.py` checks this against a one-process reference.
+"""
+
+from __future__ import annotations
+
+from itertools import combinations
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_with_grad(x: Tensor) -> Tensor:
+    """All ranks' `x` concatenated along dim 0; gradients flow back to the rank that owns each row."""
+    _, world = _world()
+    return torch.cat(dist_fn.all_gather(x), dim=0) if world > 1 else x
+
+
+def gather_no_grad(x: Tensor) -> Tensor:
+    _, world = _world()
+    if world == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def global_sum(x: Tensor) -> Tensor:
+    _, world = _world()
+    if world == 1:
+        return x
+    x = x.detach().clone()
+    dist.all_reduce(x)
+    return x
+
+
+def contrastive_loss(
+    features: dict[str, Tensor], present: dict[str, Tensor], pair_weights: Tensor | None, temperature: float
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """InfoNCE over every modality pair, both directions.
+
+    features: modality -> (B, P) L2-normalised projections (local batch; the same B on every rank).
+    present: modality -> (B,) bool.
+    pair_weights: (B, M, M) harmonization weights in `features` order, or None for 1. Entry [b, i, j]
+        multiplies the logits of sample b's modality-i query against modality-j keys, i.e. a
+        per-sample temperature tau / G[i, j] (the official code's use of the weights).
+    Returns the mean over pairs with at least one valid query anywhere, and each pair's loss.
+    """
+    names = list(features)
+    rank, world = _world()
+    batch = next(iter(features.values())).shape[0]
+    keys = {m: gather_with_grad(features[m]) for m in names}
+    key_present = {m: gather_no_grad(present[m]) for m in names}
+    labels = torch.arange(batch, device=keys[names[0]].device) + rank * batch
+
+    per_pair: dict[str, Tensor] = {}
+    for (i, query), (j, key) in combinations(enumerate(names), 2):
+        valid = present[query] & present[key]
+        count = global_sum(valid.sum().to(torch.float32))
+        if count.item() == 0:  # identical decision on every rank: count is global
+            continue
+        directions = []
+        for (a, q), (b, k) in (((i, query), (j, key)), ((j, key), (i, query))):
+            logits = (features[q] @ keys[k].T).float() / temperature
+            if pair_weights is not None:
+                logits = logits * pair_weights[:, a, b, None].float()
+            logits = logits.masked_fill(~key_present[k][None, :], float("-inf"))
+            directions.append(F.cross_entropy(logits[valid], labels[valid], reduction="sum"))
+        per_pair[f"{query}-{key}"] = (directions[0] + directions[1]) / 2 / (count / world)
+    if not per_pair:
+        zero = sum(f.sum() for f in features.values()) * 0.0
+        return zero, per_pair
+    return torch.stack(list(per_pair.values())).mean(), per_pair

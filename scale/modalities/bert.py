@@ -1,0 +1,88 @@
+"""A BERT tower shared by the text and table modalities, with its tied masked-LM head.
+
+The official code runs the table through the text BERT; `TableConfig.share_text_encoder` keeps that
+as the default and makes a separate tower an explicit option (instead of building a second stack
+that never receives a gradient, as the official code does).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import BertConfig, BertModel
+
+from scale.pretrained_paths import resolve
+
+
+class BertTower(nn.Module):
+    """BertModel (pretrained or from config) + projection to the fusion width + tied LM head."""
+
+    def __init__(
+        self,
+        *,
+        pretrained: str | None,
+        hidden: int,
+        layers: int,
+        heads: int,
+        mlp: int,
+        max_tokens: int,
+        vocab_size: int,
+        width: int,
+        load_weights: bool = True,
+    ):
+        super().__init__()
+        if pretrained is not None:
+            path = resolve(pretrained)
+            if load_weights:
+                self.bert = BertModel.from_pretrained(str(path), add_pooling_layer=False, local_files_only=True)
+            else:  # weights come from a checkpoint right after; only the architecture is needed
+                self.bert = BertModel(BertConfig.from_pretrained(str(path), local_files_only=True), add_pooling_layer=False)
+            if self.bert.config.vocab_size != vocab_size:
+                raise ValueError(f"text.pretrained {pretrained!r}: vocab {self.bert.config.vocab_size} != tokenizer vocab {vocab_size}")
+        else:
+            config = BertConfig(
+                vocab_size=vocab_size,
+                hidden_size=hidden,
+                num_hidden_layers=layers,
+                num_attention_heads=heads,
+                intermediate_size=mlp,
+                max_position_embeddings=max_tokens,
+                type_vocab_size=2,
+            )
+            self.bert = BertModel(config, add_pooling_layer=False)
+        self.is_pretrained = pretrained is not None
+        bert_hidden = self.bert.config.hidden_size
+        if self.bert.config.max_position_embeddings < max_tokens:
+            raise ValueError(f"BERT has {self.bert.config.max_position_embeddings} positions, {max_tokens} tokens requested")
+        self.project = nn.Linear(bert_hidden, width) if bert_hidden != width else nn.Identity()
+        # Masked-LM head: fused tokens (fusion width) -> BERT width -> vocabulary through the tied
+        # word-embedding matrix, as BERT's own head does.
+        self.lm_transform = nn.Sequential(nn.Linear(width, bert_hidden), nn.GELU(), nn.LayerNorm(bert_hidden))
+        self.lm_bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def encode(self, input_ids: Tensor, attention_mask: Tensor, token_type: int) -> Tensor:
+        """(B, L) ids -> (B, L, width) tokens."""
+        token_type_ids = torch.full_like(input_ids, token_type)
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
+        return self.project(hidden)
+
+    def lm_logits(self, fused: Tensor) -> Tensor:
+        """(N, width) fused tokens at masked positions only -> (N, vocab) logits.
+
+        Scoring only the masked positions (not every position, as the official code does) removes
+        most of the head's compute: the vocabulary projection is the largest matmul of the step.
+        """
+        return F.linear(self.lm_transform(fused), self.bert.embeddings.word_embeddings.weight, self.lm_bias)
+
+
+def token_masking(
+    input_ids: Tensor, chosen: Tensor, mask_id: int, vocab_size: int, mask_share: float = 0.8, random_share: float = 0.1
+) -> Tensor:
+    """BERT's 80/10/10 corruption of the chosen positions: [MASK], a random token, or unchanged."""
+    roll = torch.rand(input_ids.shape, device=input_ids.device)
+    to_mask = chosen & (roll < mask_share)
+    to_random = chosen & (roll >= mask_share) & (roll < mask_share + random_share)
+    corrupted = input_ids.masked_fill(to_mask, mask_id)
+    random_ids = torch.randint_like(input_ids, vocab_size)
+    return torch.where(to_random, random_ids, corrupted)

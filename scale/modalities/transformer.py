@@ -1,0 +1,40 @@
+"""A small pre-norm transformer over a token sequence, shared by the video, audio and fusion trunks.
+
+Built from timm's `Block` (fused scaled-dot-product attention with a boolean mask) so every trunk
+in the project uses the same, well-tested attention.
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.models.vision_transformer import Block
+from torch import Tensor, nn
+
+
+class TokenTransformer(nn.Module):
+    """Learned positions + `layers` timm blocks + final LayerNorm, with a key-padding mask."""
+
+    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float, max_tokens: int, dropout: float = 0.0):
+        super().__init__()
+        self.position = nn.Parameter(torch.zeros(1, max_tokens, width))
+        nn.init.trunc_normal_(self.position, std=0.02)
+        self.blocks = nn.ModuleList(
+            Block(width, heads, mlp_ratio=mlp_ratio, qkv_bias=True, proj_drop=dropout, attn_drop=dropout)
+            for _ in range(layers)
+        )
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, tokens: Tensor, token_mask: Tensor) -> Tensor:
+        """tokens (B, L, width); token_mask (B, L) bool, True = real token (every row needs one)."""
+        x = tokens + self.position[:, : tokens.shape[1]]
+        # (B, 1, 1, L): every query may attend to every real key; padding keys get zero weight.
+        attn_mask = token_mask[:, None, None, :]
+        for block in self.blocks:
+            x = block(x, attn_mask=attn_mask)
+        return self.norm(x)
+
+
+def mean_token(tokens: Tensor, token_mask: Tensor) -> Tensor:
+    """Masked mean of (B, L, D) tokens -> (B, 1, D): the official 'global token' of a feature sequence."""
+    weights = token_mask.to(tokens.dtype).unsqueeze(-1)
+    return (tokens * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True).clamp_min(1.0)

@@ -1,0 +1,135 @@
+"""SCALE = per-modality encoders + fusion transformer + contrastive and masked-modeling heads.
+
+One batch, top to bottom (see `datamodules/collate.py` for its layout):
+
+    batch[m] (tensors + `present` mask)  -- sanitize: absent inputs -> zeros
+      -> Modality.mask (training only)    -- corrupted inputs + masked positions/targets
+      -> Modality.encode                  -- (B, L_m, width) tokens, token 0 pooled
+      -> Fusion                           -- one transformer over all present segments
+      -> losses():
+           contrastive on pre-fusion pooled tokens -> projection -> L2 norm, every modality pair,
+               logits scaled per sample by the pair harmonization weights (pre-fusion);
+           masked modeling per modality from its fused tokens, each sample's loss scaled by the
+               modality's harmonization weight (post-fusion);
+           total = sum of masked losses + contrastive (harmonization is the only weighting).
+
+Plain PyTorch: the LightningModule (`scale/module.py`) and `scale.load_pretrained` both use it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from scale.config import ModelConfig
+from scale.fusion import Fusion
+from scale.harmonization import harmonization_weights
+from scale.losses import contrastive_loss
+from scale.modalities import Masked, build_modalities
+
+Batch = dict[str, dict[str, Tensor]]
+
+
+@dataclass
+class SCALEOutput:
+    present: dict[str, Tensor]
+    """modality -> (B,) bool."""
+    pooled: dict[str, Tensor]
+    """modality -> (B, width) pre-fusion pooled token (token 0 of the encoder output)."""
+    fused: dict[str, Tensor]
+    """modality -> (B, L_m, width) fused tokens of that modality's segment."""
+    masked: dict[str, Masked]
+    """modality -> masked-modeling inputs/targets (training only; empty otherwise)."""
+
+
+class SCALE(nn.Module):
+    def __init__(self, config: ModelConfig, load_weights: bool = True):
+        super().__init__()
+        self.config = config
+        self.encoders = build_modalities(config, load_weights=load_weights)
+        self.fusion = Fusion(config.fusion, {name: enc.num_tokens for name, enc in self.encoders.items()})
+        # Official projection: width -> projection_dim -> ReLU, then L2 normalisation.
+        self.projections = nn.ModuleDict(
+            {
+                name: nn.Sequential(nn.Linear(config.fusion.width, config.contrastive.projection_dim), nn.ReLU())
+                for name in self.encoders
+            }
+        )
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.encoders)
+
+    def forward(self, batch: Batch, masked_modeling: bool = False) -> SCALEOutput:
+        present = {name: batch[name]["present"].bool() for name in self.encoders}
+        encoded, masked = {}, {}
+        for name, modality in self.encoders.items():
+            inputs = modality.sanitize(batch[name], present[name])
+            corrupted = modality.mask(inputs, present[name]) if masked_modeling else None
+            if corrupted is not None:
+                masked[name] = corrupted
+                inputs = corrupted.inputs
+            encoded[name] = modality.encode(inputs)
+        fused = self.fusion(encoded, present)
+        pooled = {name: enc.tokens[:, 0] for name, enc in encoded.items()}
+        return SCALEOutput(present=present, pooled=pooled, fused=fused, masked=masked)
+
+    def losses(self, output: SCALEOutput) -> dict[str, Tensor]:
+        """The training objective and its parts (every entry is loggable)."""
+        names = self.modalities
+        present = torch.stack([output.present[m] for m in names], dim=1)
+        mode = self.config.harmonization.mode
+        logs: dict[str, Tensor] = {}
+        total = torch.zeros((), device=present.device)
+
+        if self.config.contrastive.enabled and len(names) > 1:
+            features = {m: F.normalize(self.projections[m](output.pooled[m]).float(), dim=-1) for m in names}
+            pair_weights = harmonization_weights(torch.stack([features[m] for m in names], dim=1), present, mode)
+            contrastive, per_pair = contrastive_loss(features, output.present, pair_weights, self.config.contrastive.temperature)
+            total = total + contrastive
+            logs["contrastive"] = contrastive
+            logs.update({f"contrastive/{pair}": value for pair, value in per_pair.items()})
+
+        if output.masked:
+            post_pooled = torch.stack([output.fused[m][:, 0] for m in names], dim=1)
+            task_weights = harmonization_weights(post_pooled, present, mode).diagonal(dim1=1, dim2=2)
+            for index, name in enumerate(names):
+                if name in output.masked:
+                    masked_loss = self.encoders[name].masked_loss(output.fused[name], output.masked[name], task_weights[:, index])
+                    total = total + masked_loss
+                    logs[f"masked/{name}"] = masked_loss
+                if present[:, index].any():
+                    logs[f"harmonization/{name}"] = task_weights[present[:, index], index].mean().detach()
+        logs["loss"] = total
+        return logs
+
+    @torch.no_grad()
+    def embed(self, batch: Batch) -> dict[str, Tensor]:
+        """Embeddings for downstream use (no masking); zeros wherever a modality is absent.
+
+        - `<m>`: the post-fusion pooled vector of modality m;
+        - `<m>/encoder`: the pre-fusion pooled vector (the modality alone, before fusion);
+        - `<m>/projection`: the L2-normalised contrastive projection of `<m>/encoder`;
+        - `fused`: the sum of the normalised post-fusion pooled vectors of the present modalities
+          (the official retrieval embedding sums the per-modality pooled vectors);
+        - `contrastive`: the sum of the present modalities' `<m>/projection`, the space the
+          contrastive loss shapes (the default retrieval embedding of `scale evaluate`).
+        """
+        output = self.forward(batch, masked_modeling=False)
+        embeddings: dict[str, Tensor] = {}
+        fused, contrastive = 0.0, 0.0
+        for name in self.modalities:
+            keep = output.present[name][:, None]
+            post, pre = output.fused[name][:, 0].float(), output.pooled[name].float()
+            projection = F.normalize(self.projections[name](pre), dim=-1)
+            embeddings[name] = torch.where(keep, post, 0.0)
+            embeddings[f"{name}/encoder"] = torch.where(keep, pre, 0.0)
+            embeddings[f"{name}/projection"] = torch.where(keep, projection, 0.0)
+            fused = fused + torch.where(keep, F.normalize(post, dim=-1), 0.0)
+            contrastive = contrastive + embeddings[f"{name}/projection"]
+        embeddings["fused"] = fused
+        embeddings["contrastive"] = contrastive
+        return embeddings

@@ -1,0 +1,43 @@
+"""Shared fixtures: the tiny test config, and a small demo product set converted to shards once
+per session (real JPEG/MP4/WAV files and real tar shards)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from datamodules import demo
+from datamodules.shards import write_shards
+from scale.config import ModelConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_YAML = ROOT / "configs" / "test_tiny.yaml"
+
+# Tests run on CPU with small tensors; more threads than cores only adds contention.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    """The model section of configs/test_tiny.yaml as a ModelConfig."""
+    data = yaml.safe_load(TINY_YAML.read_text())["model"]["config"]
+    data.update(overrides)
+    return ModelConfig.from_dict(data)
+
+
+@pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory) -> dict[str, Path]:
+    """40 training and 24 evaluation products, some modalities missing, as raw folders and shards."""
+    root = tmp_path_factory.mktemp("demo")
+    paths = {}
+    for split, count, seed in (("train", 40, 0), ("eval", 24, 1)):
+        raw = root / "raw" / split
+        demo.generate(raw, products=count, seed=seed, missing={"video": 0.3, "audio": 0.3, "table": 0.2},
+                      image_size=48, video_size=32, video_seconds=1.0, fps=6, audio_seconds=1.0)  # fmt: skip
+        write_shards(raw, root / "shards" / split, max_count=10)
+        paths[f"raw_{split}"] = raw
+        paths[split] = root / "shards" / split
+    return paths
