@@ -34,7 +34,8 @@ def _run_tool(name: str, argv: list[str]) -> None:
         sys.exit(f"scale {name}: error: {error}")
 
 
-def _lightning_cli(argv: list[str] | None) -> None:
+def build_cli(args: list[str] | None = None, run: bool = True):
+    """The LightningCLI over SCALEModule and M5ProductDataModule (`run=False`: parse and build only)."""
     import torch
     from lightning.pytorch.cli import LightningCLI
 
@@ -47,8 +48,8 @@ def _lightning_cli(argv: list[str] | None) -> None:
             parser.link_arguments("model.config", "data.model_config", apply_on="parse")
 
         def before_instantiate_classes(self) -> None:
-            # bf16 autocast on GPU, full precision on CPU, unless the config says otherwise.
             config = self.config[self.subcommand] if self.subcommand else self.config
+            # bf16 autocast on GPU, full precision on CPU, unless the config says otherwise.
             if config.trainer.precision is None:
                 config.trainer.precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
             # Checkpoints without a dirpath go to <default_root_dir>/checkpoints (not under the
@@ -58,10 +59,11 @@ def _lightning_cli(argv: list[str] | None) -> None:
                 if callback.class_path.endswith("ModelCheckpoint") and not callback.init_args.get("dirpath"):
                     callback.init_args["dirpath"] = os.path.join(root, "checkpoints")
 
-    SCALECLI(
+    return SCALECLI(
         SCALEModule,
         M5ProductDataModule,
-        args=argv,
+        args=args,
+        run=run,
         # On SLURM requeue the same run directory is reused: the saved config must be overwritable.
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"parser_mode": "yaml"},
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
         print(__doc__)
     else:
         try:
-            _lightning_cli(argv)  # None: LightningCLI reads sys.argv itself
+            build_cli(argv)  # None: LightningCLI reads sys.argv itself
         except (FileNotFoundError, ValueError) as error:
             if os.environ.get("SCALE_DEBUG"):
                 raise

@@ -76,36 +76,43 @@ class TableConfig:
 
 
 @dataclass
-class ImageConfig:
-    """Main product image: a timm Vision Transformer over pixels."""
+class TrunkConfig:
+    """What the image, video and audio encoders share: a transformer trunk and one masked task."""
+
+    hidden: int = 768
+    """Trunk width."""
+    layers: int = 6
+    """Trunk depth."""
+    heads: int = 12
+    """Attention heads."""
+    mlp_ratio: float = 4.0
+    """Feed-forward expansion."""
+    masked_modeling: bool = True
+    """The modality's masked-feature regression (patches, frames or audio tokens)."""
+    mask_prob: float = 0.15
+    """Share of the modality's tokens chosen for masked modeling."""
+
+
+@dataclass
+class ImageConfig(TrunkConfig):
+    """Main product image: a timm Vision Transformer over pixels; masked patch regression."""
 
     size: int = 224
     """Square input resolution in pixels."""
     patch: int = 16
     """ViT patch size."""
-    hidden: int = 768
-    """ViT width."""
-    layers: int = 6
-    """ViT depth."""
-    heads: int = 12
-    """ViT attention heads."""
-    mlp_ratio: float = 4.0
-    """ViT feed-forward expansion."""
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     """Per-channel normalisation mean (timm / ImageNet default)."""
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     """Per-channel normalisation std."""
-    masked_modeling: bool = True
-    """Masked patch modeling: regress the normalised pixels of masked patches."""
-    mask_prob: float = 0.15
-    """Share of patches chosen for masked patch modeling."""
     zero_prob: float = 0.9
     """Of the chosen patches, the share whose pixels are zeroed (the rest are left intact)."""
 
 
 @dataclass
-class VideoConfig:
-    """Product video: frames sampled uniformly, embedded per frame, with temporal positions."""
+class VideoConfig(TrunkConfig):
+    """Product video: frames sampled uniformly, one token per frame, a temporal transformer;
+    masked frame regression."""
 
     frames: int = 12
     """Frames sampled per video (official: 12 one-per-second clip features)."""
@@ -113,26 +120,15 @@ class VideoConfig:
     """Square frame resolution in pixels."""
     patch: int = 16
     """Patch size of the per-frame embedding (patches are averaged into one token per frame)."""
-    hidden: int = 768
-    """Temporal transformer width."""
-    layers: int = 6
-    """Temporal transformer depth."""
-    heads: int = 12
-    """Temporal transformer attention heads."""
-    mlp_ratio: float = 4.0
-    """Feed-forward expansion."""
-    masked_modeling: bool = True
-    """Masked frame modeling: zero frames, regress a fixed colour-layout target of each."""
-    mask_prob: float = 0.15
-    """Share of frames masked."""
     target_grid: int = 4
     """Masked-frame target: the frame average-pooled to `target_grid` x `target_grid` x 3 values.
     A fixed target (not the learned frame embedding) so the task cannot be solved by collapse."""
 
 
 @dataclass
-class AudioConfig:
-    """Audio: log-mel filterbank (Kaldi fbank) frames, grouped into tokens, into a transformer."""
+class AudioConfig(TrunkConfig):
+    """Audio: log-mel filterbank (Kaldi fbank) frames, grouped into tokens, into a transformer;
+    masked audio-token regression of the original fbank values."""
 
     sample_rate: int = 16000
     """Rate audio is resampled to before features (official: 16 kHz)."""
@@ -146,18 +142,6 @@ class AudioConfig:
     """fbank normalisation mean (AudioSet statistics, as in AST)."""
     norm_std: float = 4.57
     """fbank normalisation std."""
-    hidden: int = 768
-    """Transformer width."""
-    layers: int = 6
-    """Transformer depth."""
-    heads: int = 12
-    """Attention heads."""
-    mlp_ratio: float = 4.0
-    """Feed-forward expansion."""
-    masked_modeling: bool = True
-    """Masked audio modeling: zero tokens, regress their original fbank values."""
-    mask_prob: float = 0.15
-    """Share of audio tokens masked."""
 
     @property
     def num_frames(self) -> int:
@@ -196,6 +180,18 @@ class HarmonizationConfig:
     """`per_sample`: the official parameter-free weights (cosine -> row softmax * -> row L2 norm),
     recomputed every step from the pooled vectors, absent modalities excluded. `uniform`: every
     weight 1 (ablation)."""
+    pair_weighting: Literal["logit_scale", "loss_weight"] = "logit_scale"
+    """How a pair weight G[i, j] enters the contrastive loss: `logit_scale` multiplies the sample's
+    logits (a per-sample temperature tau / G[i, j], the official code) or `loss_weight` multiplies
+    the sample's InfoNCE term (the paper's sum of S_ij * L_ij)."""
+    detach: bool = True
+    """Stop gradients through the weights. The official code does not (set false to reproduce it):
+    the loss can then also be lowered by moving the weights, i.e. by making a product's modalities
+    less similar; on the demo data that cut coarse mAP@10 from 0.50 to 0.21."""
+    rescale: bool = True
+    """Divide the weights by their mean over the present entries of the global batch (detached), so
+    they redistribute emphasis without changing the loss scale. The raw off-diagonal weights are
+    about 0.2-0.3, which with `logit_scale` multiplies the temperature by 3-5 (official: false)."""
 
 
 @dataclass
@@ -207,7 +203,9 @@ class ContrastiveConfig:
     projection_dim: int = 1024
     """Output width of the projection head (official: 768 -> 1024 -> ReLU)."""
     temperature: float = 0.07
-    """InfoNCE temperature (official: 0.07)."""
+    """InfoNCE temperature (official: 0.07); the initial value when `learn_temperature` is set."""
+    learn_temperature: bool = False
+    """Learn the temperature (as CLIP's log logit scale, clamped to a scale of at most 100)."""
 
 
 @dataclass

@@ -12,6 +12,16 @@ A sample's absent modalities are removed *before* the softmax and the normalisat
 and columns are zero), so the weights of the present modalities do not depend on the garbage the
 encoders produce for absent inputs. With one present modality, G = [[1]]; with none, all zeros.
 `uniform` sets every present entry to 1 (ablation).
+
+Two documented departures, both options (`HarmonizationConfig`):
+- `detach` (default on): the official weights are not detached, so the optimiser can lower the
+  contrastive loss by shrinking G, i.e. by making a product's modalities *less* similar.
+- `rescale` (default on): the weights are divided by their mean over the present entries of the
+  global batch (detached). The raw off-diagonal G is about 0.2-0.3, which silently multiplies the
+  temperature by 3-5; rescaled, harmonization redistributes weight between samples and pairs while
+  the temperature stays the configured one.
+Measured on the demo data (150 steps, coarse mAP@10 of the contrastive embedding): official
+0.21, detached 0.50, detached + rescaled 0.63, uniform 0.61.
 """
 
 from __future__ import annotations
@@ -19,6 +29,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from scale.losses import global_sum
 
 
 def harmonization_weights(pooled: Tensor, present: Tensor, mode: str = "per_sample", eps: float = 1e-6) -> Tensor:
@@ -35,3 +47,17 @@ def harmonization_weights(pooled: Tensor, present: Tensor, mode: str = "per_samp
     attention = torch.softmax(similarity.masked_fill(~pair_present, -1e4), dim=-1)
     raw = torch.where(pair_present, similarity * attention, torch.zeros_like(similarity))
     return raw / raw.norm(dim=-1, keepdim=True).clamp_min(eps)
+
+
+def pair_mask(present: Tensor, diagonal: bool = True) -> Tensor:
+    """(B, M) presence -> (B, M, M) entries where both modalities are present (optionally i != j)."""
+    mask = present[:, :, None] & present[:, None, :]
+    if not diagonal:
+        mask = mask & ~torch.eye(present.shape[1], dtype=torch.bool, device=present.device)
+    return mask
+
+
+def rescale_to_unit_mean(weights: Tensor, mask: Tensor, eps: float = 1e-6) -> Tensor:
+    """Divide by the (detached) mean of `weights[mask]` over every rank, so the mean is 1."""
+    total = global_sum(torch.stack([weights.detach()[mask].sum(), mask.sum().to(weights.dtype)]))
+    return weights / (total[0] / total[1].clamp_min(1.0)).clamp_min(eps)

@@ -53,15 +53,20 @@ def global_sum(x: Tensor) -> Tensor:
 
 
 def contrastive_loss(
-    features: dict[str, Tensor], present: dict[str, Tensor], pair_weights: Tensor | None, temperature: float
+    features: dict[str, Tensor],
+    present: dict[str, Tensor],
+    pair_weights: Tensor | None,
+    temperature: float | Tensor,
+    pair_weighting: str = "logit_scale",
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """InfoNCE over every modality pair, both directions.
 
     features: modality -> (B, P) L2-normalised projections (local batch; the same B on every rank).
     present: modality -> (B,) bool.
     pair_weights: (B, M, M) harmonization weights in `features` order, or None for 1. Entry [b, i, j]
-        multiplies the logits of sample b's modality-i query against modality-j keys, i.e. a
-        per-sample temperature tau / G[i, j] (the official code's use of the weights).
+        applies to sample b's modality-i query against modality-j keys.
+    pair_weighting: `logit_scale` multiplies that query's logits (a per-sample temperature
+        tau / G[i, j], the official code); `loss_weight` multiplies its InfoNCE term (the paper).
     Returns the mean over pairs with at least one valid query anywhere, and each pair's loss.
     """
     names = list(features)
@@ -80,10 +85,14 @@ def contrastive_loss(
         directions = []
         for (a, q), (b, k) in (((i, query), (j, key)), ((j, key), (i, query))):
             logits = (features[q] @ keys[k].T).float() / temperature
-            if pair_weights is not None:
-                logits = logits * pair_weights[:, a, b, None].float()
+            weight = None if pair_weights is None else pair_weights[:, a, b].float()
+            if weight is not None and pair_weighting == "logit_scale":
+                logits = logits * weight[:, None]
             logits = logits.masked_fill(~key_present[k][None, :], float("-inf"))
-            directions.append(F.cross_entropy(logits[valid], labels[valid], reduction="sum"))
+            per_query = F.cross_entropy(logits[valid], labels[valid], reduction="none")
+            if weight is not None and pair_weighting == "loss_weight":
+                per_query = per_query * weight[valid]
+            directions.append(per_query.sum())
         per_pair[f"{query}-{key}"] = (directions[0] + directions[1]) / 2 / (count / world)
     if not per_pair:
         zero = sum(f.sum() for f in features.values()) * 0.0

@@ -18,6 +18,7 @@ Plain PyTorch: the LightningModule (`scale/module.py`) and `scale.load_pretraine
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 
 from scale.config import ModelConfig
 from scale.fusion import Fusion
-from scale.harmonization import harmonization_weights
+from scale.harmonization import harmonization_weights, pair_mask, rescale_to_unit_mean
 from scale.losses import contrastive_loss
 from scale.modalities import Masked, build_modalities
 
@@ -58,6 +59,16 @@ class SCALE(nn.Module):
                 for name in self.encoders
             }
         )
+        # log(1 / temperature), learned CLIP-style when asked; a buffer otherwise.
+        logit_scale = torch.tensor(math.log(1.0 / config.contrastive.temperature))
+        if config.contrastive.learn_temperature:
+            self.logit_scale = nn.Parameter(logit_scale)
+        else:
+            self.register_buffer("logit_scale", logit_scale)
+
+    @property
+    def temperature(self) -> Tensor:
+        return 1.0 / self.logit_scale.clamp(max=math.log(100.0)).exp()
 
     @property
     def modalities(self) -> list[str]:
@@ -81,21 +92,33 @@ class SCALE(nn.Module):
         """The training objective and its parts (every entry is loggable)."""
         names = self.modalities
         present = torch.stack([output.present[m] for m in names], dim=1)
-        mode = self.config.harmonization.mode
+        harmonization = self.config.harmonization
+        mode = harmonization.mode
         logs: dict[str, Tensor] = {}
         total = torch.zeros((), device=present.device)
 
         if self.config.contrastive.enabled and len(names) > 1:
             features = {m: F.normalize(self.projections[m](output.pooled[m]).float(), dim=-1) for m in names}
             pair_weights = harmonization_weights(torch.stack([features[m] for m in names], dim=1), present, mode)
-            contrastive, per_pair = contrastive_loss(features, output.present, pair_weights, self.config.contrastive.temperature)
+            if harmonization.detach:
+                pair_weights = pair_weights.detach()
+            if harmonization.rescale:
+                pair_weights = rescale_to_unit_mean(pair_weights, pair_mask(present, diagonal=False))
+            contrastive, per_pair = contrastive_loss(
+                features, output.present, pair_weights, self.temperature, harmonization.pair_weighting
+            )
             total = total + contrastive
             logs["contrastive"] = contrastive
+            logs["temperature"] = self.temperature.detach()
             logs.update({f"contrastive/{pair}": value for pair, value in per_pair.items()})
 
         if output.masked:
             post_pooled = torch.stack([output.fused[m][:, 0] for m in names], dim=1)
             task_weights = harmonization_weights(post_pooled, present, mode).diagonal(dim1=1, dim2=2)
+            if harmonization.detach:
+                task_weights = task_weights.detach()
+            if harmonization.rescale:
+                task_weights = rescale_to_unit_mean(task_weights, present)
             for index, name in enumerate(names):
                 if name in output.masked:
                     masked_loss = self.encoders[name].masked_loss(output.fused[name], output.masked[name], task_weights[:, index])

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from scale.cli import build_cli
 from scale.config import ModelConfig
 from tests.conftest import ROOT
 
@@ -41,11 +42,10 @@ def test_unknown_config_key_is_a_one_line_error_naming_the_key():
 
 
 def test_command_line_override_reaches_the_model_and_the_data():
-    result = run_cli("fit", "--config", "configs/smoke.yaml", "--model.config.image.size", "96", "--print_config")
-    assert result.returncode == 0, result.stderr[-2000:]
-    printed = yaml.safe_load(result.stdout)
-    assert printed["model"]["config"]["image"]["size"] == 96
-    assert printed["data"]["model_config"]["image"]["size"] == 96  # linked: one source of truth
+    cli = build_cli(["--config", "configs/smoke.yaml", "--model.config.image.size", "96",
+                     "--data.train_shards", "unused"], run=False)  # fmt: skip
+    assert cli.model.config.image.size == 96
+    assert cli.datamodule.model_config.image.size == 96  # linked: one source of truth
 
 
 def test_missing_shard_folder_is_a_one_line_error(tmp_path):

@@ -151,3 +151,42 @@ def test_contrastive_is_exact_under_two_processes(tmp_path):
         # DDP divides the summed gradient by the world size.
         distributed = torch.cat([ranks[r]["grads"][m] for r in range(2)]) / 2
         torch.testing.assert_close(distributed, single[m].grad, rtol=1e-4, atol=1e-6)
+
+
+def test_rescale_to_unit_mean_over_present_entries_only():
+    from scale.harmonization import pair_mask, rescale_to_unit_mean
+
+    weights = torch.rand(4, 5, 5)
+    present = torch.rand(4, 5) > 0.3
+    present[:, :2] = True
+    mask = pair_mask(present, diagonal=False)
+    rescaled = rescale_to_unit_mean(weights, mask)
+    assert rescaled[mask].mean().item() == pytest.approx(1.0, rel=1e-6)
+    # The ratios between entries are kept: only the overall scale changes.
+    torch.testing.assert_close(rescaled / rescaled[mask][0], weights / weights[mask][0])
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_detach_controls_gradient_through_the_weights(detach):
+    """detach=True: the gradient of the model's contrastive loss equals that of the same loss with G
+    held constant. detach=False (official): G carries gradient too, so the two differ."""
+    from scale.model import SCALE
+    from tests.conftest import tiny_config
+    from tests.test_model import all_patterns, random_batch
+
+    torch.manual_seed(0)
+    config = tiny_config()
+    config.harmonization.detach = detach
+    config.harmonization.rescale = False
+    model = SCALE(config)
+    output = model(random_batch(config, all_patterns()))
+    pooled = list(output.pooled.values())
+    model_grads = torch.autograd.grad(model.losses(output)["contrastive"], pooled, retain_graph=True)
+
+    features = {m: F.normalize(model.projections[m](output.pooled[m]).float(), dim=-1) for m in model.modalities}
+    present = torch.stack([output.present[m] for m in model.modalities], dim=1)
+    constant_weights = harmonization_weights(torch.stack(list(features.values()), dim=1), present).detach()
+    reference, _ = contrastive_loss(features, output.present, constant_weights, model.temperature)
+    reference_grads = torch.autograd.grad(reference, pooled)
+    same = all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(model_grads, reference_grads))
+    assert same == detach

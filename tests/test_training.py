@@ -52,12 +52,12 @@ def test_two_process_cpu_ddp_fit(demo_shards, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "scale.cli", "fit", "--config", str(TINY_YAML),
          "--data.train_shards", str(demo_shards["train"]), "--trainer.default_root_dir", str(tmp_path),
-         "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_steps", "3"],
+         "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_steps", "4"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert state["global_step"] == 3
+    assert state["global_step"] == 4
 
 
 @pytest.mark.slow
@@ -70,7 +70,8 @@ def test_training_beats_random_initialisation_on_coarse_retrieval(tmp_path):
         write_shards(raw, tmp_path / "shards" / split, max_count=80)
         shards[split] = tmp_path / "shards" / split
     checkpoint = fit(ROOT / "configs" / "smoke.yaml", shards["train"], tmp_path / "run",
-                     "--trainer.max_steps", "150", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+                     "--trainer.max_steps", "150", "--trainer.logger.init_args.save_dir", str(tmp_path / "run"),
+                     "--trainer.enable_progress_bar", "false",
                      "--data.num_workers", "1")  # fmt: skip
     trained = load_checkpoint_model(checkpoint)
     torch.manual_seed(0)
