@@ -94,7 +94,10 @@ def contrastive_loss(
                 per_query = per_query * weight[valid]
             directions.append(per_query.sum())
         per_pair[f"{query}-{key}"] = (directions[0] + directions[1]) / 2 / (count / world)
+    # Every projection stays in the graph even when its modality is absent from the whole global
+    # batch (all its pairs skipped): DDP without find_unused_parameters requires a gradient for
+    # every parameter on every rank.
+    anchor = sum(f.sum() for f in features.values()) * 0.0
     if not per_pair:
-        zero = sum(f.sum() for f in features.values()) * 0.0
-        return zero, per_pair
-    return torch.stack(list(per_pair.values())).mean(), per_pair
+        return anchor, per_pair
+    return torch.stack(list(per_pair.values())).mean() + anchor, per_pair

@@ -156,3 +156,14 @@ def test_table_entity_masking_masks_whole_keys_or_values(model):
             span = (entity[b] == e) & (role[b] == r) & (batch["table"]["attention_mask"][b] == 1)
             span &= batch["table"]["input_ids"][b] != 0
             assert masked.positions[b][span].all(), "an entity span was only partly masked"
+
+
+def test_modality_absent_from_whole_batch_still_gives_every_parameter_a_gradient(model):
+    """DDP (no find_unused_parameters) needs a gradient for every parameter on every step."""
+    present = torch.ones(6, 5, dtype=torch.bool)
+    present[:, MODALITIES.index("video")] = False
+    batch = random_batch(model.config, present)
+    model.zero_grad(set_to_none=True)
+    model.losses(model(batch, masked_modeling=True))["loss"].backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing[:5]
