@@ -73,6 +73,13 @@ class TableConfig:
     """Masked entity modeling (MEM): whole keys or whole values are masked and predicted."""
     mask_prob: float = 0.15
     """Probability that a property-value pair is picked for MEM."""
+    link_prediction: bool = False
+    """K3M link prediction (LPM): each product's pairs are triples <item, property, value>; one
+    triple's value is masked and predicted from the fused product and its property, against the
+    other products' values in the (global) batch."""
+    structure_pooling: bool = False
+    """K3M structure aggregation: the table's pooled token becomes c + W * sum_j a_j t_j, attention
+    of the pooled token c over the product's triple embeddings t_j."""
 
 
 @dataclass
@@ -95,8 +102,16 @@ class TrunkConfig:
 
 @dataclass
 class ImageConfig(TrunkConfig):
-    """Main product image: a timm Vision Transformer over pixels; masked patch regression."""
+    """Main product image: a timm Vision Transformer over pixels, or pre-extracted region features;
+    masked patch / region regression."""
 
+    stem: Literal["pixels", "regions"] = "pixels"
+    """`pixels`: the JPEG through a ViT. `regions`: M5Product's pre-extracted Faster R-CNN regions
+    (`<key>.regions.npy`, up to `max_regions` x `region_dim`, with `<key>.boxes.npy` 5-d boxes)."""
+    max_regions: int = 36
+    """Regions kept per image (official: 36); fewer are padded and masked."""
+    region_dim: int = 2048
+    """Region feature width (official: 2048)."""
     size: int = 224
     """Square input resolution in pixels."""
     patch: int = 16
@@ -111,9 +126,14 @@ class ImageConfig(TrunkConfig):
 
 @dataclass
 class VideoConfig(TrunkConfig):
-    """Product video: frames sampled uniformly, one token per frame, a temporal transformer;
-    masked frame regression."""
+    """Product video: frames sampled uniformly (or per-second clip features), one token per frame,
+    a temporal transformer; masked frame regression."""
 
+    stem: Literal["frames", "features"] = "frames"
+    """`frames`: decoded MP4 frames. `features`: M5Product's per-second S3D clip features
+    (`<key>.video.npy`, T x `feature_dim`, the first `frames` used)."""
+    feature_dim: int = 1024
+    """Clip feature width (official S3D: 1024)."""
     frames: int = 12
     """Frames sampled per video (official: 12 one-per-second clip features)."""
     size: int = 112
@@ -130,6 +150,12 @@ class AudioConfig(TrunkConfig):
     """Audio: log-mel filterbank (Kaldi fbank) frames, grouped into tokens, into a transformer;
     masked audio-token regression of the original fbank values."""
 
+    stem: Literal["waveform", "features"] = "waveform"
+    """`waveform`: WAV decoded and turned into Kaldi fbank here. `features`: M5Product's
+    pre-extracted mel spectrogram (`<key>.mel.npy`, `mel_bins` x `feature_frames`: 80 x 751 for the
+    first 12 s at 16 kHz, n_fft 1024, hop 256)."""
+    feature_frames: int = 751
+    """Mel frames per clip in the `features` stem (official: 751)."""
     sample_rate: int = 16000
     """Rate audio is resampled to before features (official: 16 kHz)."""
     seconds: float = 12.0
@@ -145,7 +171,10 @@ class AudioConfig(TrunkConfig):
 
     @property
     def num_frames(self) -> int:
-        """fbank frames for `seconds` of audio (25-ms window, 10-ms shift, Kaldi snip-edges)."""
+        """Frames per clip: `feature_frames` for the features stem; for the waveform stem, the fbank
+        frames of `seconds` of audio (25-ms window, 10-ms shift, Kaldi snip-edges)."""
+        if self.stem == "features":
+            return self.feature_frames
         samples = int(round(self.seconds * self.sample_rate))
         window, shift = int(0.025 * self.sample_rate), int(0.010 * self.sample_rate)
         return 1 + (samples - window) // shift
@@ -176,10 +205,11 @@ class FusionConfig:
 class HarmonizationConfig:
     """Self-harmonization: per-sample modality and modality-pair weights (SPEC section 3)."""
 
-    mode: Literal["per_sample", "uniform"] = "per_sample"
+    mode: Literal["per_sample", "learned", "uniform"] = "per_sample"
     """`per_sample`: the official parameter-free weights (cosine -> row softmax * -> row L2 norm),
-    recomputed every step from the pooled vectors, absent modalities excluded. `uniform`: every
-    weight 1 (ablation)."""
+    recomputed every step from the pooled vectors, absent modalities excluded. `learned`: the
+    paper's 5 x 5 matrix, a parameter shared by all samples (see `scale/harmonization.py`).
+    `uniform`: every weight 1 (ablation)."""
     pair_weighting: Literal["logit_scale", "loss_weight"] = "logit_scale"
     """How a pair weight G[i, j] enters the contrastive loss: `logit_scale` multiplies the sample's
     logits (a per-sample temperature tau / G[i, j], the official code) or `loss_weight` multiplies

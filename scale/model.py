@@ -121,9 +121,13 @@ class SCALE(nn.Module):
                 task_weights = rescale_to_unit_mean(task_weights, present)
             for index, name in enumerate(names):
                 if name in output.masked:
-                    masked_loss = self.encoders[name].masked_loss(output.fused[name], output.masked[name], task_weights[:, index])
+                    modality, masked, weight = self.encoders[name], output.masked[name], task_weights[:, index]
+                    masked_loss = modality.masked_loss(output.fused[name], masked, weight)
                     total = total + masked_loss
                     logs[f"masked/{name}"] = masked_loss
+                    for extra, value in modality.extra_losses(output.fused[name], masked, weight).items():
+                        total = total + value
+                        logs[f"{name}/{extra}"] = value
                 if present[:, index].any():
                     logs[f"harmonization/{name}"] = task_weights[present[:, index], index].mean().detach()
         logs["loss"] = total

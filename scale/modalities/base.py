@@ -61,6 +61,11 @@ class Modality(nn.Module):
         """Weighted loss over `masked.positions` from this modality's fused tokens (B, L, width)."""
         raise NotImplementedError
 
+    def extra_losses(self, fused_tokens: Tensor, masked: Masked, sample_weight: Tensor) -> dict[str, Tensor]:
+        """Further losses of this modality scored on the same masked inputs (e.g. the table's K3M
+        link prediction); each is added to the total and logged as `<modality>/<name>`."""
+        return {}
+
     def sanitize(self, inputs: dict[str, Tensor], present: Tensor) -> dict[str, Tensor]:
         """Zero every per-sample input of absent samples (torch.where, so NaN cannot survive)."""
         clean = dict(inputs)
