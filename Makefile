@@ -9,7 +9,7 @@ SMOKE := outputs/smoke
 # The matching PyTorch triple (torchaudio 2.11 is its last release).
 TORCH := torch==2.11.0 torchvision==0.26.0 torchaudio==2.11.0
 
-.PHONY: install smoke-test smoke-data test bench clean
+.PHONY: install smoke-test smoke-data test bench bench-robustness clean
 
 install: $(STAMP)
 
@@ -40,8 +40,11 @@ smoke-test: install
 test: install
 	$(PY) -m pytest tests -q
 
-bench: install
-	@echo "benchmarks arrive with the data-path issue (bench/)"
+# Robustness to missing / noisy modalities (K3M protocol): about 55 min on 2 CPU cores.
+bench-robustness: install
+	$(PY) bench/robustness.py --out outputs/bench/robustness
+
+bench: bench-robustness
 
 clean:
 	rm -rf outputs lightning_logs .pytest_cache

@@ -3,6 +3,7 @@
     scale fit --config configs/smoke.yaml [--trainer.max_steps 100 ...]   LightningCLI (also validate, --print_config)
     scale demo-data --out DIR --products N --seed S                      demo products as real media files
     scale shards --src RAW --out DIR                                     raw products -> tar shards
+    scale corrupt --src RAW --out DIR --modalities text --kind swap --rate 0.5   robustness settings
     scale export --ckpt CKPT --out DIR                                   checkpoint -> safetensors + config
     scale evaluate --model DIR --data SHARDS [--compare-random]          retrieval / probe / clustering
 """
@@ -17,6 +18,7 @@ import sys
 TOOLS = {
     "demo-data": ("datamodules.demo", "write demo products (JPEG, MP4, WAV, meta.jsonl)"),
     "shards": ("datamodules.shards", "convert a raw product folder into webdataset shards"),
+    "corrupt": ("datamodules.corrupt", "blank, swap or noise a known share of a modality (robustness protocol)"),
     "export": ("scale.export", "export a checkpoint for downstream use"),
     "evaluate": ("scale.evaluate", "evaluate an exported model on shards"),
 }

@@ -13,6 +13,15 @@ and columns are zero), so the weights of the present modalities do not depend on
 encoders produce for absent inputs. With one present modality, G = [[1]]; with none, all zeros.
 `uniform` sets every present entry to 1 (ablation).
 
+Paper variant (`learned`): one M x M matrix shared by all samples, a parameter. The paper states
+"S initialised at 0, updated as S <- S * softmax(S)", which read literally stays 0 forever; here the
+parameter S (initialised at 0) is turned into weights by the softmax half of that rule, per row and
+over the sample's present modalities only, scaled by the number of present entries of the row:
+G[i, j] = n_i * softmax_j(S[i, :])  ->  at initialisation every present weight is 1 (= `uniform`),
+and the losses' gradients move weight between pairs and tasks. Being learned from the loss itself,
+the matrix drifts towards the pairs and tasks that are easiest to lower; `detach` does not apply to
+it (it would never learn).
+
 Two documented departures, both options (`HarmonizationConfig`):
 - `detach` (default on): the official weights are not detached, so the optimiser can lower the
   contrastive loss by shrinking G, i.e. by making a product's modalities *less* similar.
@@ -33,13 +42,22 @@ from torch import Tensor
 from scale.losses import global_sum
 
 
-def harmonization_weights(pooled: Tensor, present: Tensor, mode: str = "per_sample", eps: float = 1e-6) -> Tensor:
-    """pooled (B, M, D), present (B, M) bool -> weights (B, M, M), zero wherever i or j is absent."""
+def harmonization_weights(
+    pooled: Tensor, present: Tensor, mode: str = "per_sample", learned: Tensor | None = None, eps: float = 1e-6
+) -> Tensor:
+    """pooled (B, M, D), present (B, M) bool -> weights (B, M, M), zero wherever i or j is absent.
+    `learned` is the (M, M) parameter of the `learned` mode."""
     pair_present = present[:, :, None] & present[:, None, :]
     if mode == "uniform":
         return pair_present.to(pooled.dtype)
+    if mode == "learned":
+        if learned is None:
+            raise ValueError("harmonization.mode 'learned' needs the learned matrix")
+        logits = learned.float().expand(pair_present.shape).masked_fill(~pair_present, -1e4)
+        row_size = pair_present.sum(dim=-1, keepdim=True).float()
+        return torch.where(pair_present, row_size * torch.softmax(logits, dim=-1), torch.zeros_like(logits))
     if mode != "per_sample":
-        raise ValueError(f"harmonization.mode {mode!r}: expected 'per_sample' or 'uniform'")
+        raise ValueError(f"harmonization.mode {mode!r}: expected 'per_sample', 'learned' or 'uniform'")
     unit = F.normalize(pooled.float(), dim=-1)
     similarity = unit @ unit.transpose(1, 2)
     # A large finite negative (not -inf) for excluded entries: softmax of a fully excluded row then

@@ -59,6 +59,11 @@ class SCALE(nn.Module):
                 for name in self.encoders
             }
         )
+        if config.harmonization.mode == "learned":
+            # The paper's M x M modality-pair matrix, initialised at 0 (= uniform weights).
+            self.harmonization_matrix = nn.Parameter(torch.zeros(len(self.encoders), len(self.encoders)))
+        else:
+            self.harmonization_matrix = None
         # log(1 / temperature), learned CLIP-style when asked; a buffer otherwise.
         logit_scale = torch.tensor(math.log(1.0 / config.contrastive.temperature))
         if config.contrastive.learn_temperature:
@@ -99,11 +104,13 @@ class SCALE(nn.Module):
 
         if self.config.contrastive.enabled and len(names) > 1:
             features = {m: F.normalize(self.projections[m](output.pooled[m]).float(), dim=-1) for m in names}
-            pair_weights = harmonization_weights(torch.stack([features[m] for m in names], dim=1), present, mode)
-            if harmonization.detach:
+            stacked = torch.stack([features[m] for m in names], dim=1)
+            pair_weights = harmonization_weights(stacked, present, mode, self.harmonization_matrix)
+            if harmonization.detach and mode != "learned":
                 pair_weights = pair_weights.detach()
             if harmonization.rescale:
                 pair_weights = rescale_to_unit_mean(pair_weights, pair_mask(present, diagonal=False))
+            logs.update(pair_weight_logs(pair_weights, present, names))
             contrastive, per_pair = contrastive_loss(
                 features, output.present, pair_weights, self.temperature, harmonization.pair_weighting
             )
@@ -114,8 +121,9 @@ class SCALE(nn.Module):
 
         if output.masked:
             post_pooled = torch.stack([output.fused[m][:, 0] for m in names], dim=1)
-            task_weights = harmonization_weights(post_pooled, present, mode).diagonal(dim1=1, dim2=2)
-            if harmonization.detach:
+            task_weights = harmonization_weights(post_pooled, present, mode, self.harmonization_matrix)
+            task_weights = task_weights.diagonal(dim1=1, dim2=2)
+            if harmonization.detach and mode != "learned":
                 task_weights = task_weights.detach()
             if harmonization.rescale:
                 task_weights = rescale_to_unit_mean(task_weights, present)
@@ -160,3 +168,15 @@ class SCALE(nn.Module):
         embeddings["fused"] = fused
         embeddings["contrastive"] = contrastive
         return embeddings
+
+
+def pair_weight_logs(pair_weights: Tensor, present: Tensor, names: list[str]) -> dict[str, Tensor]:
+    """Mean weight of each modality pair over the samples that have both (symmetrised), for logging."""
+    logs = {}
+    for i, first in enumerate(names):
+        for j in range(i + 1, len(names)):
+            both = present[:, i] & present[:, j]
+            if both.any():
+                symmetric = (pair_weights[both, i, j] + pair_weights[both, j, i]) / 2
+                logs[f"harmonization/{first}-{names[j]}"] = symmetric.mean().detach()
+    return logs

@@ -190,3 +190,35 @@ def test_detach_controls_gradient_through_the_weights(detach):
     reference_grads = torch.autograd.grad(reference, pooled)
     same = all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(model_grads, reference_grads))
     assert same == detach
+
+
+def test_learned_harmonization_starts_uniform_and_respects_absence():
+    learned = torch.zeros(5, 5, requires_grad=True)
+    present = torch.tensor([[True, True, False, True, False], [False, False, True, False, False]])
+    weights = harmonization_weights(torch.randn(2, 5, 4), present, mode="learned", learned=learned)
+    assert torch.equal(weights, (present[:, :, None] & present[:, None, :]).float())
+    # A larger logit moves weight to that pair, keeps the row's total, and stays zero where absent.
+    with torch.no_grad():
+        learned[0, 1] = 2.0
+    weights = harmonization_weights(torch.randn(2, 5, 4), present, mode="learned", learned=learned)
+    row = weights[0, 0]
+    e = math.exp(2.0)
+    assert row[1].item() == pytest.approx(3 * e / (e + 2), rel=1e-5)
+    assert row[0].item() == pytest.approx(3 / (e + 2), rel=1e-5)
+    assert row.sum().item() == pytest.approx(3.0, rel=1e-5) and row[2] == 0 and row[4] == 0
+    weights.sum().backward()
+    assert torch.isfinite(learned.grad).all()
+
+
+def test_learned_matrix_is_trained_by_the_losses():
+    from scale.model import SCALE
+    from tests.conftest import tiny_config
+    from tests.test_model import all_patterns, random_batch
+
+    config = tiny_config()
+    config.harmonization.mode = "learned"
+    model = SCALE(config)
+    losses = model.losses(model(random_batch(config, all_patterns()), masked_modeling=True))
+    losses["loss"].backward()
+    assert model.harmonization_matrix.grad is not None and model.harmonization_matrix.grad.abs().sum() > 0
+    assert "harmonization/text-image" in losses
