@@ -71,6 +71,15 @@ def prepare_data(out: Path, rates: list[int], settings: list[str], kinds: list[s
 
 
 def run_one(job: tuple[str, str, str, str, str, int]) -> dict:
+    """`train_and_score`, with a failure recorded (and the grid carried on) instead of raised: a
+    rerun with the same --out redoes only the runs that have no result.json."""
+    try:
+        return train_and_score(job)
+    except Exception as error:  # noqa: BLE001 - one broken run must not lose the other results
+        return {"variant": job[0], "method": job[1], "error": f"{type(error).__name__}: {error}"}
+
+
+def train_and_score(job: tuple[str, str, str, str, str, int]) -> dict:
     """Train one method on one variant and evaluate it (runs in a single-threaded worker process)."""
     variant, method, train, evaluation, root, steps = job
     import torch
@@ -183,6 +192,9 @@ def main() -> None:
     results = []
     with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
         for result in pool.map(run_one, jobs):
+            if "error" in result:
+                print(f"{result['variant']:>20} {result['method']:>11}  FAILED: {result['error']}", flush=True)
+                continue
             results.append(result)
             print(f"{result['variant']:>20} {result['method']:>11}  mAP@10 {result['map@10']:.3f}  "
                   f"probe {result['probe']:.3f}  ({result['seconds']} s)", flush=True)  # fmt: skip
