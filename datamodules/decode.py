@@ -5,8 +5,22 @@ model sees static shapes. A modality that is missing from the sample, or whose b
 decode, becomes *absent*: zeros plus `present=False`. A failure is counted per kind and warned about
 at a limited rate; it never stops training. A sample with no usable modality is dropped.
 
-Shards never execute code: only JSON, JPEG, MP4 and WAV are read, with explicit decoders (no
-webdataset auto-decoding, whose defaults include pickle).
+Each of image, video and audio has two input stems (`<modality>.stem` in the model config): the
+media file (JPEG, MP4, WAV) or M5Product's pre-extracted features as `.npy` arrays:
+
+    stem                 shard fields               decoded tensors (fixed shapes)
+    image.regions        regions.npy (R, region_dim) regions (max_regions, region_dim) float32,
+                         boxes.npy (R, 5)            boxes (max_regions, 5), region_mask (max_regions,) bool
+    video.features       video.npy (T, feature_dim)  features (frames, feature_dim), frame_mask (frames,) bool
+    audio.features       mel.npy (mel_bins, T)       fbank (feature_frames, mel_bins) normalised, length
+
+Longer arrays are cut (first regions / clips / frames), shorter ones zero-padded and masked.
+
+Shards never execute code: only JSON, JPEG, MP4, WAV and `.npy` are read, with explicit decoders
+(no webdataset auto-decoding, whose defaults include pickle). `.npy` files are loaded with
+`allow_pickle=False` and must hold a finite numeric array of the expected shape: an object array
+(which would need unpickling), a wrong shape or a NaN makes the modality absent, counted like
+corrupt media.
 """
 
 from __future__ import annotations
@@ -44,6 +58,57 @@ def parse_table(table: str) -> list[tuple[str, str]]:
     return pairs
 
 
+NPY_MAGIC = b"\x93NUMPY"
+
+
+def load_npy(data: bytes, name: str, dims: int, shape: tuple[int | None, ...]) -> np.ndarray:
+    """`.npy` bytes -> a finite float32 array of `dims` dimensions whose sizes match `shape`
+    (None: any size >= 1). Never unpickles: object arrays are refused by `allow_pickle=False`."""
+    if not data.startswith(NPY_MAGIC):  # np.load would also accept a zip (.npz) or a pickle stream
+        raise ValueError(f"{name}: not a .npy array")
+    array = np.load(io.BytesIO(data), allow_pickle=False)
+    if array.dtype.kind not in "iuf":
+        raise ValueError(f"{name}: dtype {array.dtype} is not numeric")
+    if array.ndim != dims or any(want is not None and got != want for got, want in zip(array.shape, shape)):
+        expected = " x ".join("N" if want is None else str(want) for want in shape)
+        raise ValueError(f"{name}: shape {array.shape}, expected {expected}")
+    if 0 in array.shape:
+        raise ValueError(f"{name}: empty array {array.shape}")
+    array = array.astype(np.float32)
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name}: non-finite values")
+    return array
+
+
+def _pad(array: np.ndarray, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """First `length` rows of `array`, zero-padded; and the (length,) mask of real rows."""
+    rows = min(len(array), length)
+    padded = torch.zeros(length, *array.shape[1:])
+    padded[:rows] = torch.from_numpy(array[:rows])
+    return padded, torch.arange(length) < rows
+
+
+def decode_regions(regions: bytes, boxes: bytes, config: ImageConfig) -> dict[str, torch.Tensor]:
+    """Region features (R, region_dim) and boxes (R, 5) -> fixed `max_regions` slots with a mask."""
+    features = load_npy(regions, "regions.npy", 2, (None, config.region_dim))
+    box = load_npy(boxes, "boxes.npy", 2, (len(features), 5))
+    features, mask = _pad(features, config.max_regions)
+    return {"regions": features, "boxes": _pad(box, config.max_regions)[0], "region_mask": mask}
+
+
+def decode_video_features(data: bytes, config: VideoConfig) -> dict[str, torch.Tensor]:
+    """Per-second clip features (T, feature_dim) -> the first `frames` clips with a mask."""
+    features, mask = _pad(load_npy(data, "video.npy", 2, (None, config.feature_dim)), config.frames)
+    return {"features": features, "frame_mask": mask}
+
+
+def decode_mel(data: bytes, config: AudioConfig) -> tuple[torch.Tensor, int]:
+    """Log-mel spectrogram (mel_bins, T) -> (normalised frames (feature_frames, mel_bins), valid count)."""
+    mel = load_npy(data, "mel.npy", 2, (config.mel_bins, None)).T
+    frames, mask = _pad((mel - config.norm_mean) / config.norm_std, config.feature_frames)
+    return frames, int(mask.sum())
+
+
 def decode_image(data: bytes, transform) -> torch.Tensor:
     with Image.open(io.BytesIO(data)) as image:
         return transform(image.convert("RGB"))
@@ -75,7 +140,8 @@ def decode_audio(data: bytes, config: AudioConfig) -> tuple[torch.Tensor, int]:
 
 
 class SampleDecoder:
-    """Turns one raw shard sample (`{"__key__", "json", "jpg", "mp4", "wav"}` of bytes) into tensors."""
+    """Turns one raw shard sample (`{"__key__", "json", "jpg", "mp4", "wav", "regions.npy", ...}` of
+    bytes) into tensors, reading for each modality the field of its configured stem."""
 
     def __init__(self, config: ModelConfig, warn_every: int = 100):
         self.config = config
@@ -131,13 +197,22 @@ class SampleDecoder:
         }
 
     def image(self, meta: dict[str, Any], sample: dict[str, bytes]) -> dict[str, torch.Tensor]:
+        if self.config.image.stem == "regions":
+            if "boxes.npy" not in sample:
+                raise ValueError("regions.npy without boxes.npy")
+            return decode_regions(sample["regions.npy"], sample["boxes.npy"], self.config.image)
         return {"pixels": decode_image(sample["jpg"], self.image_transform)}
 
     def video(self, meta: dict[str, Any], sample: dict[str, bytes]) -> dict[str, torch.Tensor]:
+        if self.config.video.stem == "features":
+            return decode_video_features(sample["video.npy"], self.config.video)
         return {"frames": decode_video(sample["mp4"], self.config.video, self.mean, self.std)}
 
     def audio(self, meta: dict[str, Any], sample: dict[str, bytes]) -> dict[str, torch.Tensor]:
-        fbank, length = decode_audio(sample["wav"], self.config.audio)
+        if self.config.audio.stem == "features":
+            fbank, length = decode_mel(sample["mel.npy"], self.config.audio)
+        else:
+            fbank, length = decode_audio(sample["wav"], self.config.audio)
         return {"fbank": fbank, "length": torch.tensor(length)}
 
     def absent(self, modality: str) -> dict[str, torch.Tensor]:
@@ -150,8 +225,15 @@ class SampleDecoder:
             n = c.table.max_tokens
             zeros, minus = torch.zeros(n, dtype=torch.long), torch.full((n,), -1)
             return {"input_ids": zeros, "attention_mask": zeros.clone(), "entity_index": minus, "entity_role": minus.clone()}
+        if modality == "image" and c.image.stem == "regions":
+            n = c.image.max_regions
+            return {"regions": torch.zeros(n, c.image.region_dim), "boxes": torch.zeros(n, 5),
+                    "region_mask": torch.zeros(n, dtype=torch.bool)}  # fmt: skip
         if modality == "image":
             return {"pixels": torch.zeros(3, c.image.size, c.image.size)}
+        if modality == "video" and c.video.stem == "features":
+            n = c.video.frames
+            return {"features": torch.zeros(n, c.video.feature_dim), "frame_mask": torch.zeros(n, dtype=torch.bool)}
         if modality == "video":
             return {"frames": torch.zeros(c.video.frames, 3, c.video.size, c.video.size)}
         if modality == "audio":
@@ -159,6 +241,14 @@ class SampleDecoder:
         raise KeyError(modality)
 
     MEDIA_FIELD = {"image": "jpg", "video": "mp4", "audio": "wav"}
+    FEATURE_FIELD = {"image": "regions.npy", "video": "video.npy", "audio": "mel.npy"}
+    FEATURE_STEMS = {"image": "regions", "video": "features", "audio": "features"}
+
+    def field(self, modality: str) -> str | None:
+        """The shard field a modality is read from under its configured stem (None: the JSON)."""
+        if modality in self.FEATURE_STEMS and self.config.modality(modality).stem == self.FEATURE_STEMS[modality]:
+            return self.FEATURE_FIELD[modality]
+        return self.MEDIA_FIELD.get(modality)
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any] | None:
         key = sample.get("__key__", "?")
@@ -176,7 +266,7 @@ class SampleDecoder:
         }
         any_present = False
         for modality in self.modalities:
-            media = self.MEDIA_FIELD.get(modality)
+            media = self.field(modality)
             value = None
             if media is None or media in sample:
                 try:

@@ -8,11 +8,17 @@ Layout written under ``OUT``::
                           frames/s for `video_seconds`; plus an AAC mono track carrying the same
                           sound as the wav -- only when the product also has audio
     OUT/audios/<id>.wav   16-bit PCM mono WAV at `sample_rate`, `audio_seconds` long
+    OUT/features/<id>.{regions,boxes,video,mel}.npy   with `features=True` (`--features`): the
+                          pre-extracted features M5Product released (regions + boxes, per-second
+                          clip features, log-mel), see `datamodules/demo_features.py`
 
 meta.jsonl: ``{"id": "s<seed>-p<index>", "title": str, "table": "key#:#value#;#key#:#value...",
 "category": int, "instance": "s<seed>-i<index>", "image": "images/<id>.jpg" | null,
 "video": "videos/<id>.mp4" | null, "audio": "audios/<id>.wav" | null}``. A missing title or table
 is ``""``; a missing medium is ``null`` and has no file. Every product keeps at least one modality.
+With `features=True` each line also has ``"image_regions"``, ``"image_boxes"``,
+``"video_features"``, ``"audio_mel"`` (``"features/<id>.regions.npy"`` ... or ``null`` when that
+modality is absent); without it, meta.jsonl is exactly as it was before features existed.
 
 Planted signal. The *world* (``world_seed``, ``categories``) fixes each category's name, six
 category words, hue, shape kind, base tone, motion direction and five property keys with typical
@@ -48,6 +54,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from datamodules import demo_features
 
 MODALITIES: tuple[str, ...] = ("text", "table", "image", "video", "audio")
 CONFUSION = 0.25
@@ -261,14 +269,19 @@ def _render(job: dict) -> None:
         soundfile.write(paths["audio"], wave, job["sample_rate"], subtype="PCM_16")
     if job["present"]["video"]:
         _encode_mp4(paths["video"], _video(job, rng), job["fps"], wave, job["sample_rate"])
+    if job.get("features"):
+        demo_features.write_features(job, wave)
 
 
 def generate(out: str | Path, products: int, seed: int = 0, categories: int = 8,
              world_seed: int = 0, missing: dict[str, float] | None = None,
              noisy_title_rate: float = 0.0, image_size: int = 96, video_size: int = 64,
              video_seconds: float = 2.0, fps: int = 12, audio_seconds: float = 2.0,
-             sample_rate: int = 16000, workers: int = 0) -> Path:
-    """Writes the raw folder; returns path to meta.jsonl."""
+             sample_rate: int = 16000, workers: int = 0, features: bool = False,
+             region_dim: int = 2048, video_feature_dim: int = 1024, mel_bins: int = 80,
+             mel_frames: int = 751) -> Path:
+    """Writes the raw folder; returns path to meta.jsonl. `features` also writes the pre-extracted
+    feature arrays (widths `region_dim`, `video_feature_dim`, `mel_bins`; at most `mel_frames`)."""
     missing = dict(missing or {})
     for m, rate in missing.items():
         if m not in MODALITIES:
@@ -277,9 +290,13 @@ def generate(out: str | Path, products: int, seed: int = 0, categories: int = 8,
             raise ValueError(f"missing rate for {m!r} must be in [0, 1], got {rate}")
     if not (0.0 <= noisy_title_rate <= 1.0 and products >= 1 and categories >= 1):
         raise ValueError("need 0 <= noisy_title_rate <= 1, products >= 1 and categories >= 1")
+    if features and min(region_dim, video_feature_dim, mel_bins, mel_frames) < 1:
+        raise ValueError("feature sizes (region_dim, video_feature_dim, mel_bins, mel_frames) must be >= 1")
     root = Path(out)
     for fmt in _FILES.values():
         (root / fmt).parent.mkdir(parents=True, exist_ok=True)
+    if features:
+        (root / "features").mkdir(exist_ok=True)
 
     world = _world(categories, world_seed)
     insts, listing = _instances(products, seed, world)
@@ -295,6 +312,18 @@ def generate(out: str | Path, products: int, seed: int = 0, categories: int = 8,
     jobs = [{"out": str(root), "seed": seed, "index": i, "id": r["id"], "present": r["present"],
              "inst": insts[listing[i]], "cats": {m: world[c] for m, c in r["shown"].items()},
              **sizes} for i, r in enumerate(rows)]
+    if features:  # the planted latents behind the region / clip features (demo_features.py)
+        world_latent = demo_features.world_latents(categories, world_seed)
+        inst_latent = demo_features.instance_latents(len(insts), seed)
+        for job, r in zip(jobs, rows):
+            job["features"] = {
+                "world_seed": world_seed, "region_dim": region_dim, "video_feature_dim": video_feature_dim,
+                "mel_bins": mel_bins, "mel_frames": mel_frames,
+                "image": world_latent["category"][r["shown"]["image"]],
+                "video": world_latent["category"][r["shown"]["video"]],
+                "motion": world_latent["motion"][r["shown"]["video"]],
+                "instance": inst_latent[listing[job["index"]]],
+            }  # fmt: skip
     if workers > 0:  # spawn, not fork: the caller may already hold threads (torch, decoders)
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
             pool.map(_render, jobs, chunksize=8)
@@ -311,7 +340,9 @@ def generate(out: str | Path, products: int, seed: int = 0, categories: int = 8,
                 "id": r["id"], "title": r["title"] if p["text"] else "",
                 "table": r["table"] if p["table"] else "", "category": r["category"],
                 "instance": r["instance"],
-                **{m: _FILES[m].format(r["id"]) if p[m] else None for m in _FILES}}) + "\n")
+                **{m: _FILES[m].format(r["id"]) if p[m] else None for m in _FILES},
+                **({f: pattern.format(r["id"]) if p[m] else None
+                    for f, (m, pattern) in demo_features.FILES.items()} if features else {})}) + "\n")
     tmp.replace(meta)
     return meta
 
@@ -341,6 +372,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           ("fps", 12), ("audio-seconds", 2.0), ("sample-rate", 16000)):
         a(f"--{flag}", type=type(default), default=default)
     a("--workers", type=int, default=0, help="processes for media encoding (0: in-process)")
+    a("--features", action="store_true",
+      help="also write M5Product-style pre-extracted features (features/*.npy, meta.jsonl fields)")
+    for flag, default in (("region-dim", 2048), ("video-feature-dim", 1024), ("mel-bins", 80),
+                          ("mel-frames", 751)):
+        a(f"--{flag}", type=int, default=default, help="feature size (with --features)")
 
 
 def run(args: argparse.Namespace) -> None:

@@ -3,8 +3,14 @@
 Input: a raw folder in the demo layout (`meta.jsonl` + media files, see `datamodules/demo.py`).
 Output, in OUT:
 
-    shard-000000.tar, shard-000001.tar, ...   samples `<key>.json|.jpg|.mp4|.wav`
+    shard-000000.tar, shard-000001.tar, ...   samples `<key>.json|.jpg|.mp4|.wav`, and the
+                                               pre-extracted features when the raw folder has
+                                               them: `<key>.regions.npy|.boxes.npy|.video.npy|.mel.npy`
     sizes.json                                 {"shard-000000.tar": n_samples, ...}
+
+Feature files are copied byte for byte, like media (webdataset splits a name at its first dot, so
+their fields are `regions.npy`, `boxes.npy`, `video.npy`, `mel.npy`); the decoder reads them for
+the feature stems of the model config (`datamodules/decode.py`).
 
 A shard closes at `max_count` samples or `max_bytes` bytes, whichever comes first, and is written
 to a temporary name and renamed when complete, so a crash never leaves a truncated shard under a
@@ -28,6 +34,15 @@ from pathlib import Path
 from braceexpand import braceexpand
 
 MEDIA = {"image": "jpg", "video": "mp4", "audio": "wav"}
+FEATURES = {
+    "image_regions": "regions.npy",
+    "image_boxes": "boxes.npy",
+    "video_features": "video.npy",
+    "audio_mel": "mel.npy",
+}
+"""meta.jsonl field (a path relative to the raw folder) -> shard field of M5Product's pre-extracted features."""
+FILES = {**MEDIA, **FEATURES}
+"""Every meta.jsonl field naming a file, and its shard field (in shard order: media, then features)."""
 SIZES_FILE = "sizes.json"
 
 
@@ -87,14 +102,14 @@ def write_shards(src: str | Path, out: str | Path, max_count: int = 2000, max_by
                 key = sample_key(str(product["id"]))
             except (json.JSONDecodeError, KeyError, TypeError) as error:
                 raise ValueError(f"{meta_path}:{line_number}: bad product record ({error})") from None
-            files = {"json": json.dumps({k: v for k, v in product.items() if k not in MEDIA}).encode()}
-            for modality, extension in MEDIA.items():
-                if product.get(modality):
-                    path = src / product[modality]
+            files = {"json": json.dumps({k: v for k, v in product.items() if k not in FILES}).encode()}
+            for name, extension in FILES.items():  # a modality (media) or a feature array
+                if product.get(name):
+                    path = src / product[name]
                     if path.is_file():
                         files[extension] = path.read_bytes()
                     else:
-                        missing[modality] += 1
+                        missing[name] += 1
             writer.write(key, files)
     writer.close()
     (out / SIZES_FILE).write_text(json.dumps(writer.sizes, indent=1))

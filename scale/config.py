@@ -75,11 +75,15 @@ class TableConfig:
     """Probability that a property-value pair is picked for MEM."""
     link_prediction: bool = False
     """K3M link prediction (LPM): each product's pairs are triples <item, property, value>; one
-    triple's value is masked and predicted from the fused product and its property, against the
-    other products' values in the (global) batch."""
+    triple per product has its whole value masked (its key always stays visible) and is predicted
+    from the fused product (table token 0) and its property (mean of the key's fused tokens), by
+    InfoNCE (temperature 0.07) against the other products' values in the global batch, embedded as
+    the mean of their word embeddings; candidates with the same value string are excluded.
+    Logged as `table/link_prediction`, weighted by the table's harmonization weight."""
     structure_pooling: bool = False
     """K3M structure aggregation: the table's pooled token becomes c + W * sum_j a_j t_j, attention
-    of the pooled token c over the product's triple embeddings t_j."""
+    of the pooled token c over the product's triples t_j (mean of the pair's key and value token
+    outputs), existing pairs only. It also changes the table's contrastive / retrieval vector."""
 
 
 @dataclass

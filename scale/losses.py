@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def _world() -> tuple[int, int]:
+def world_info() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside torch.distributed."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -30,12 +31,12 @@ def _world() -> tuple[int, int]:
 
 def gather_with_grad(x: Tensor) -> Tensor:
     """All ranks' `x` concatenated along dim 0; gradients flow back to the rank that owns each row."""
-    _, world = _world()
+    _, world = world_info()
     return torch.cat(dist_fn.all_gather(x), dim=0) if world > 1 else x
 
 
 def gather_no_grad(x: Tensor) -> Tensor:
-    _, world = _world()
+    _, world = world_info()
     if world == 1:
         return x
     parts = [torch.empty_like(x) for _ in range(world)]
@@ -44,7 +45,7 @@ def gather_no_grad(x: Tensor) -> Tensor:
 
 
 def global_sum(x: Tensor) -> Tensor:
-    _, world = _world()
+    _, world = world_info()
     if world == 1:
         return x
     x = x.detach().clone()
@@ -70,7 +71,7 @@ def contrastive_loss(
     Returns the mean over pairs with at least one valid query anywhere, and each pair's loss.
     """
     names = list(features)
-    rank, world = _world()
+    rank, world = world_info()
     batch = next(iter(features.values())).shape[0]
     keys = {m: gather_with_grad(features[m]) for m in names}
     key_present = {m: gather_no_grad(present[m]) for m in names}

@@ -130,9 +130,10 @@ class SCALE(nn.Module):
             for index, name in enumerate(names):
                 if name in output.masked:
                     modality, masked, weight = self.encoders[name], output.masked[name], task_weights[:, index]
-                    masked_loss = modality.masked_loss(output.fused[name], masked, weight)
-                    total = total + masked_loss
-                    logs[f"masked/{name}"] = masked_loss
+                    if modality.config.masked_modeling:  # masking may exist for an extra loss only
+                        masked_loss = modality.masked_loss(output.fused[name], masked, weight)
+                        total = total + masked_loss
+                        logs[f"masked/{name}"] = masked_loss
                     for extra, value in modality.extra_losses(output.fused[name], masked, weight).items():
                         total = total + value
                         logs[f"{name}/{extra}"] = value

@@ -12,9 +12,31 @@ from scale.model import SCALE
 from tests.conftest import tiny_config
 
 
+def _counts(B: int, slots: int) -> torch.Tensor:
+    """(B, slots) bool masks of real slots: every count from 1 to `slots` occurs (cycling)."""
+    return torch.arange(slots)[None, :] < (torch.arange(B) % slots + 1)[:, None]
+
+
+def _image_inputs(config, B: int) -> dict:
+    i = config.image
+    if i.stem == "regions":  # pre-extracted regions: a varying number of real regions per image
+        return {"regions": torch.randn(B, i.max_regions, i.region_dim), "boxes": torch.rand(B, i.max_regions, 5),
+                "region_mask": _counts(B, i.max_regions)}  # fmt: skip
+    return {"pixels": torch.randn(B, 3, i.size, i.size)}
+
+
+def _video_inputs(config, B: int) -> dict:
+    v = config.video
+    if v.stem == "features":  # per-second clip features: a varying number of real clips per video
+        return {"features": torch.randn(B, v.frames, v.feature_dim), "frame_mask": _counts(B, v.frames)}
+    return {"frames": torch.randn(B, v.frames, 3, v.size, v.size)}
+
+
 def random_batch(config, present: torch.Tensor, fill_absent: float | None = None) -> dict:
     """A batch with random valid inputs; `present` is (B, 5) bool in MODALITIES order.
-    `fill_absent` overwrites absent samples' float inputs (e.g. NaN) to prove they are never read."""
+    `fill_absent` overwrites absent samples' float inputs (e.g. NaN) to prove they are never read.
+    Image and video inputs follow the config's stems (pixels / regions, frames / features); the
+    audio features stem has the waveform stem's keys (with `num_frames` = `feature_frames`)."""
     B = present.shape[0]
     t, tb, a = config.text, config.table, config.audio
     entity = torch.arange(tb.max_tokens).div(4, rounding_mode="floor").clamp(max=tb.max_pairs - 1)
@@ -25,8 +47,8 @@ def random_batch(config, present: torch.Tensor, fill_absent: float | None = None
                   "attention_mask": torch.ones(B, tb.max_tokens, dtype=torch.long),
                   "entity_index": entity.expand(B, -1).clone(),
                   "entity_role": (torch.arange(tb.max_tokens) % 4 >= 2).long().expand(B, -1).clone()},
-        "image": {"pixels": torch.randn(B, 3, config.image.size, config.image.size)},
-        "video": {"frames": torch.randn(B, config.video.frames, 3, config.video.size, config.video.size)},
+        "image": _image_inputs(config, B),
+        "video": _video_inputs(config, B),
         "audio": {"fbank": torch.randn(B, a.num_frames, a.mel_bins), "length": torch.full((B,), a.num_frames)},
     }  # fmt: skip
     for index, name in enumerate(MODALITIES):
@@ -82,10 +104,8 @@ def test_gradients_reach_inputs_only_where_present(model):
         assert torch.all(per_sample[column] > 0), f"{name}: present samples got no gradient"
 
 
-def test_absent_inputs_set_to_nan_never_reach_outputs(model):
-    torch.manual_seed(3)
-    present = all_patterns()
-    batch = random_batch(model.config, present, fill_absent=float("nan"))
+def assert_losses_gradients_embeddings_finite(model, batch) -> None:
+    """Losses, every gradient and every embedding of `batch` are finite (NaN planted in ignored slots)."""
     model.zero_grad()
     losses = model.losses(model(batch, masked_modeling=True))
     assert all(torch.isfinite(v) for v in losses.values())
@@ -95,6 +115,11 @@ def test_absent_inputs_set_to_nan_never_reach_outputs(model):
     embeddings = model.embed(batch)
     model.train()
     assert all(torch.isfinite(e).all() for e in embeddings.values())
+
+
+def test_absent_inputs_set_to_nan_never_reach_outputs(model):
+    torch.manual_seed(3)
+    assert_losses_gradients_embeddings_finite(model, random_batch(model.config, all_patterns(), fill_absent=float("nan")))
 
 
 def test_absent_modality_does_not_change_present_embeddings(model):

@@ -1,9 +1,12 @@
-"""Audio: normalised Kaldi fbank frames, grouped `frames_per_token` at a time, into a transformer.
+"""Audio: normalised log-mel frames, grouped `frames_per_token` at a time, into a transformer.
 
-The data pipeline computes the fbank (torchaudio) and reports each clip's valid frame count in
-`length`; tokens past it are padding and are masked out of attention. A mean token is prepended,
-as in the official model. Masked audio modeling zeroes 15 % of the real tokens (at least one) and
-regresses their original fbank values (the official model's target is its mel frames, too).
+Both input stems arrive here as the same (num_frames, mel_bins) frames plus a valid frame count
+`length`: for `waveform` the data pipeline computes Kaldi fbank frames from the WAV (torchaudio);
+for `features` it reads M5Product's released mel spectrogram (80 x 751, transposed), so the model
+differs only in `num_frames` (`AudioConfig.num_frames`). Tokens past `length` are padding and are
+masked out of attention. A mean token is prepended, as in the official model. Masked audio
+modeling zeroes 15 % of the real tokens (at least one) and regresses their original frame values
+(the official model's target is its mel frames, too).
 """
 
 from __future__ import annotations

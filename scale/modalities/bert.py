@@ -52,6 +52,7 @@ class BertTower(nn.Module):
             )
             self.bert = BertModel(config, add_pooling_layer=False)
         self.is_pretrained = pretrained is not None
+        self.width = width
         bert_hidden = self.bert.config.hidden_size
         if self.bert.config.max_position_embeddings < max_tokens:
             raise ValueError(f"BERT has {self.bert.config.max_position_embeddings} positions, {max_tokens} tokens requested")
