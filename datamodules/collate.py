@@ -4,9 +4,11 @@
         "key": [str], "instance": [str], "category": LongTensor (B,),
         "text":  {"input_ids", "attention_mask", "present"},
         "table": {"input_ids", "attention_mask", "entity_index", "entity_role", "present"},
-        "image": {"pixels" (B,3,S,S), "present"},
-        "video": {"frames" (B,T,3,S,S), "present"},
-        "audio": {"fbank" (B,frames,mel), "length" (B,), "present"},
+        "image": {"pixels" (B,3,S,S), "present"}
+              or, with image.stem=regions, {"regions" (B,R,2048), "boxes" (B,R,5), "region_mask", "present"},
+        "video": {"frames" (B,T,3,S,S), "present"}
+              or, with video.stem=features, {"features" (B,T,1024), "frame_mask", "present"},
+        "audio": {"fbank" (B,frames,mel), "length" (B,), "present"},   (both stems)
     }
 
 Every decoded sample carries every configured modality with fixed shapes (zeros when absent), so
