@@ -8,7 +8,6 @@ import io
 import json
 import logging
 import pickle
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from datamodules.shards import write_shards
 from scale.config import MODALITIES, ModelConfig
 from scale.model import SCALE
 from tests.conftest import tiny_config
+from tests.test_data import read_tar_members
 from tests.test_model import all_patterns, assert_losses_gradients_embeddings_finite, random_batch
 
 DIMS = dict(region_dim=16, video_feature_dim=12, mel_bins=8, mel_frames=40)
@@ -48,17 +48,6 @@ def features(tmp_path_factory) -> dict:
     write_shards(root / "raw", root / "shards", max_count=10)
     rows = [json.loads(line) for line in meta.read_text().splitlines()]
     return {"raw": root / "raw", "shards": root / "shards", "rows": {r["id"]: r for r in rows}}
-
-
-def read_tar_members(shard_dir: Path) -> dict[str, dict[str, bytes]]:
-    """key -> {field: bytes}, splitting member names at the first dot as webdataset does."""
-    samples: dict[str, dict[str, bytes]] = {}
-    for shard in sorted(shard_dir.glob("*.tar")):
-        with tarfile.open(shard) as tar:
-            for member in tar.getmembers():
-                key, _, field = member.name.partition(".")
-                samples.setdefault(key, {})[field] = tar.extractfile(member).read()
-    return samples
 
 
 def load(features: dict, path: str) -> np.ndarray:
