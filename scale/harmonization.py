@@ -47,7 +47,7 @@ def harmonization_weights(
 ) -> Tensor:
     """pooled (B, M, D), present (B, M) bool -> weights (B, M, M), zero wherever i or j is absent.
     `learned` is the (M, M) parameter of the `learned` mode."""
-    pair_present = present[:, :, None] & present[:, None, :]
+    pair_present = pair_mask(present)
     if mode == "uniform":
         return pair_present.to(pooled.dtype)
     if mode == "learned":

@@ -93,26 +93,32 @@ class SCALE(nn.Module):
         pooled = {name: enc.tokens[:, 0] for name, enc in encoded.items()}
         return SCALEOutput(present=present, pooled=pooled, fused=fused, masked=masked)
 
+    def harmonize(self, pooled: Tensor, present: Tensor, pairs: bool) -> Tensor:
+        """Harmonization weights of (B, M, D) pooled vectors as the config asks: the (B, M, M) pair
+        weights (`pairs`) or the (B, M) per-modality task weights (the diagonal)."""
+        config = self.config.harmonization
+        weights = harmonization_weights(pooled, present, config.mode, self.harmonization_matrix)
+        if not pairs:
+            weights = weights.diagonal(dim1=1, dim2=2)
+        if config.detach and config.mode != "learned":  # a learned matrix must receive its gradient
+            weights = weights.detach()
+        if config.rescale:
+            weights = rescale_to_unit_mean(weights, pair_mask(present, diagonal=False) if pairs else present)
+        return weights
+
     def losses(self, output: SCALEOutput) -> dict[str, Tensor]:
         """The training objective and its parts (every entry is loggable)."""
         names = self.modalities
         present = torch.stack([output.present[m] for m in names], dim=1)
-        harmonization = self.config.harmonization
-        mode = harmonization.mode
         logs: dict[str, Tensor] = {}
         total = torch.zeros((), device=present.device)
 
         if self.config.contrastive.enabled and len(names) > 1:
             features = {m: F.normalize(self.projections[m](output.pooled[m]).float(), dim=-1) for m in names}
-            stacked = torch.stack([features[m] for m in names], dim=1)
-            pair_weights = harmonization_weights(stacked, present, mode, self.harmonization_matrix)
-            if harmonization.detach and mode != "learned":
-                pair_weights = pair_weights.detach()
-            if harmonization.rescale:
-                pair_weights = rescale_to_unit_mean(pair_weights, pair_mask(present, diagonal=False))
+            pair_weights = self.harmonize(torch.stack([features[m] for m in names], dim=1), present, pairs=True)
             logs.update(pair_weight_logs(pair_weights, present, names))
             contrastive, per_pair = contrastive_loss(
-                features, output.present, pair_weights, self.temperature, harmonization.pair_weighting
+                features, output.present, pair_weights, self.temperature, self.config.harmonization.pair_weighting
             )
             total = total + contrastive
             logs["contrastive"] = contrastive
@@ -121,12 +127,7 @@ class SCALE(nn.Module):
 
         if output.masked:
             post_pooled = torch.stack([output.fused[m][:, 0] for m in names], dim=1)
-            task_weights = harmonization_weights(post_pooled, present, mode, self.harmonization_matrix)
-            task_weights = task_weights.diagonal(dim1=1, dim2=2)
-            if harmonization.detach and mode != "learned":
-                task_weights = task_weights.detach()
-            if harmonization.rescale:
-                task_weights = rescale_to_unit_mean(task_weights, present)
+            task_weights = self.harmonize(post_pooled, present, pairs=False)
             for index, name in enumerate(names):
                 if name in output.masked:
                     modality, masked, weight = self.encoders[name], output.masked[name], task_weights[:, index]
