@@ -122,18 +122,34 @@ def test_absent_inputs_set_to_nan_never_reach_outputs(model):
     assert_losses_gradients_embeddings_finite(model, random_batch(model.config, all_patterns(), fill_absent=float("nan")))
 
 
-def test_absent_modality_does_not_change_present_embeddings(model):
-    """Changing an absent modality's input must not move any output of that sample."""
-    torch.manual_seed(4)
-    present = torch.tensor([[True, True, True, False, False]] * 2)
-    batch = random_batch(model.config, present)
+def assert_embeddings_unchanged(model, batch, change) -> None:
+    """`change(batch)` edits only inputs the model must ignore: no embedding may move."""
     model.eval()
     before = model.embed(batch)
-    batch["video"]["frames"] = torch.randn_like(batch["video"]["frames"]) * 100
+    change(batch)
     after = model.embed(batch)
     model.train()
     for name in before:
         torch.testing.assert_close(before[name], after[name], msg=name)
+
+
+def assert_every_parameter_gets_a_gradient(model, present) -> None:
+    """DDP (no find_unused_parameters) needs a gradient for every parameter on every step."""
+    model.zero_grad(set_to_none=True)
+    model.losses(model(random_batch(model.config, present), masked_modeling=True))["loss"].backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing[:5]
+
+
+def test_absent_modality_does_not_change_present_embeddings(model):
+    """Changing an absent modality's input must not move any output of that sample."""
+    torch.manual_seed(4)
+    present = torch.tensor([[True, True, True, False, False]] * 2)
+
+    def scramble_video(batch):
+        batch["video"]["frames"] = torch.randn_like(batch["video"]["frames"]) * 100
+
+    assert_embeddings_unchanged(model, random_batch(model.config, present), scramble_video)
 
 
 def test_sample_without_any_modality_is_a_clear_error(model):
@@ -184,11 +200,6 @@ def test_table_entity_masking_masks_whole_keys_or_values(model):
 
 
 def test_modality_absent_from_whole_batch_still_gives_every_parameter_a_gradient(model):
-    """DDP (no find_unused_parameters) needs a gradient for every parameter on every step."""
     present = torch.ones(6, 5, dtype=torch.bool)
     present[:, MODALITIES.index("video")] = False
-    batch = random_batch(model.config, present)
-    model.zero_grad(set_to_none=True)
-    model.losses(model(batch, masked_modeling=True))["loss"].backward()
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
-    assert not missing, missing[:5]
+    assert_every_parameter_gets_a_gradient(model, present)
