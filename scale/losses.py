@@ -29,19 +29,43 @@ def world_info() -> tuple[int, int]:
     return 0, 1
 
 
-def gather_with_grad(x: Tensor) -> Tensor:
-    """All ranks' `x` concatenated along dim 0; gradients flow back to the rank that owns each row."""
+def gather_sizes(n: int, device: torch.device | str = "cpu") -> list[int]:
+    """Every rank's local batch size (they differ at the end of an exact epoch, see
+    `datamodules/streams.py`)."""
     _, world = world_info()
-    return torch.cat(dist_fn.all_gather(x), dim=0) if world > 1 else x
+    if world == 1:
+        return [n]
+    size = torch.tensor([n], device=device)
+    parts = [torch.empty_like(size) for _ in range(world)]
+    dist.all_gather(parts, size)
+    return [int(p.item()) for p in parts]
 
 
-def gather_no_grad(x: Tensor) -> Tensor:
+def _padded(x: Tensor, length: int) -> Tensor:
+    # all_gather needs one shape on every rank: pad rows, cut them off again after the gather.
+    return x if x.shape[0] == length else torch.cat([x, x.new_zeros((length - x.shape[0], *x.shape[1:]))])
+
+
+def gather_with_grad(x: Tensor, sizes: list[int] | None = None) -> Tensor:
+    """All ranks' `x` concatenated along dim 0; gradients flow back to the rank that owns each row.
+    `sizes`: every rank's row count (`gather_sizes`), when they may differ; None: all equal."""
     _, world = world_info()
     if world == 1:
         return x
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts, dim=0)
+    if sizes is None or len(set(sizes)) == 1:
+        return torch.cat(dist_fn.all_gather(x), dim=0)
+    parts = dist_fn.all_gather(_padded(x, max(sizes)))
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)], dim=0)
+
+
+def gather_no_grad(x: Tensor, sizes: list[int] | None = None) -> Tensor:
+    _, world = world_info()
+    if world == 1:
+        return x
+    longest = x.shape[0] if sizes is None else max(sizes)
+    parts = [torch.empty((longest, *x.shape[1:]), dtype=x.dtype, device=x.device) for _ in range(world)]
+    dist.all_gather(parts, _padded(x, longest).contiguous())
+    return torch.cat([part[:n] for part, n in zip(parts, sizes or [longest] * world)], dim=0)
 
 
 def global_sum(x: Tensor) -> Tensor:
@@ -62,7 +86,7 @@ def contrastive_loss(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """InfoNCE over every modality pair, both directions.
 
-    features: modality -> (B, P) L2-normalised projections (local batch; the same B on every rank).
+    features: modality -> (B, P) L2-normalised projections (local batch; B may differ across ranks).
     present: modality -> (B,) bool.
     pair_weights: (B, M, M) harmonization weights in `features` order, or None for 1. Entry [b, i, j]
         applies to sample b's modality-i query against modality-j keys.
@@ -73,9 +97,11 @@ def contrastive_loss(
     names = list(features)
     rank, world = world_info()
     batch = next(iter(features.values())).shape[0]
-    keys = {m: gather_with_grad(features[m]) for m in names}
-    key_present = {m: gather_no_grad(present[m]) for m in names}
-    labels = torch.arange(batch, device=keys[names[0]].device) + rank * batch
+    device = features[names[0]].device
+    sizes = gather_sizes(batch, device)
+    keys = {m: gather_with_grad(features[m], sizes) for m in names}
+    key_present = {m: gather_no_grad(present[m], sizes) for m in names}
+    labels = torch.arange(batch, device=device) + sum(sizes[:rank])
 
     per_pair: dict[str, Tensor] = {}
     for (i, query), (j, key) in combinations(enumerate(names), 2):

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from scale.losses import world_info, gather_no_grad, gather_with_grad, global_sum
+from scale.losses import gather_no_grad, gather_sizes, gather_with_grad, global_sum, world_info
 from scale.modalities.base import Masked
 
 LINK_TEMPERATURE = 0.07
@@ -118,7 +118,7 @@ def link_prediction_loss(
 ) -> Tensor:
     """InfoNCE of each local query against every rank's candidate values; exact under DDP.
 
-    queries, candidates: (B, D) L2-normalised, local (the same B on every rank). value_ids: (B, L)
+    queries, candidates: (B, D) L2-normalised, local (B may differ across ranks). value_ids: (B, L)
     `packed_spans` of the original value ids. valid: (B,) bool, a sample has a query and a candidate.
     sample_weight: (B,) multiplies each query's term. Returns the weighted mean over the global
     queries (per rank: the local sum over global count / world), or a graph-connected zero if none.
@@ -126,14 +126,15 @@ def link_prediction_loss(
     rank, world = world_info()
     batch = queries.shape[0]
     # Collectives first and unconditionally: every rank must take part even with no local query.
-    keys = gather_with_grad(candidates)
-    key_valid = gather_no_grad(valid)
-    key_ids = gather_no_grad(value_ids)
+    sizes = gather_sizes(batch, queries.device)
+    keys = gather_with_grad(candidates, sizes)
+    key_valid = gather_no_grad(valid, sizes)
+    key_ids = gather_no_grad(value_ids, sizes)
     count = global_sum(valid.sum().to(torch.float32))
     anchor = (queries.sum() + keys.sum()) * 0.0
     if count.item() == 0:  # the same decision on every rank: count is global
         return anchor
-    labels = torch.arange(batch, device=queries.device) + rank * batch
+    labels = torch.arange(batch, device=queries.device) + sum(sizes[:rank])
     same_value = (value_ids[:, None, :] == key_ids[None, :, :]).all(dim=-1)
     false_negative = same_value & (torch.arange(keys.shape[0], device=queries.device)[None, :] != labels[:, None])
     logits = (queries @ keys.T).float() / temperature
