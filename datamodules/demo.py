@@ -20,6 +20,18 @@ With `features=True` each line also has ``"image_regions"``, ``"image_boxes"``,
 ``"video_features"``, ``"audio_mel"`` (``"features/<id>.regions.npy"`` ... or ``null`` when that
 modality is absent); without it, meta.jsonl is exactly as it was before features existed.
 
+``layout="official"`` (``--layout official``) writes the same products the way the M5Product
+release comes, for `scale shards` to read (see `datamodules/sources.py`)::
+
+    OUT/products.json     {"<id>": {"title": str, "pv": table string, "label": category,
+                                    "instance": str}, ...}
+    OUT/image/<id>.jpg    OUT/video/<id>.mp4     (the same bytes as the jsonl layout's)
+    OUT/audio/<id>.wav | OUT/audio/<id>.mp3      product index % 3 == 0: WAV, == 1: MP3 (libsndfile),
+                          == 2: WAV too, except with a video: then NO audio file, the audio is only
+                          the video's AAC track (the converter takes it from there)
+    OUT/image_regions/<id>.npy  OUT/image_boxes/<id>.npy  OUT/video_features/<id>.npy
+    OUT/audio_mel/<id>.npy      with `features=True`
+
 Planted signal. The *world* (``world_seed``, ``categories``) fixes each category's name, six
 category words, hue, shape kind, base tone, motion direction and five property keys with typical
 values, so folders generated with different ``seed`` share categories (train / eval splits). The
@@ -62,6 +74,10 @@ CONFUSION = 0.25
 """Chance that one modality of one product shows a random other category's cues."""
 
 _FILES = {"image": "images/{}.jpg", "video": "videos/{}.mp4", "audio": "audios/{}.wav"}
+LAYOUTS = ("jsonl", "official")
+OFFICIAL_META = "products.json"
+_OFFICIAL = {"image": "image/{}.jpg", "video": "video/{}.mp4", "audio": "audio/{}.wav"}
+_OFFICIAL_AUDIO = ("audio/{}.wav", "audio/{}.mp3")  # every audio file name a product may have had
 # Distinct RNG streams, so adding a draw to one stage never shifts another stage's numbers.
 _WORLD, _INSTANCES, _PRODUCT, _MEDIA, _NOISY = 7001, 7002, 7003, 7004, 7005
 
@@ -258,19 +274,34 @@ def _render(job: dict) -> None:
 
     rng = np.random.default_rng([job["seed"], _MEDIA, job["index"]])
     root, pid = Path(job["out"]), job["id"]
-    paths = {m: root / fmt.format(pid) for m, fmt in _FILES.items()}
+    official = job.get("layout") == "official"
+    paths = {m: root / fmt.format(pid) for m, fmt in (job["files"] if official else _FILES).items()}
     for m, p in paths.items():  # a rerun into the same OUT must not leave a "missing" file behind
         if not job["present"][m]:
             p.unlink(missing_ok=True)
+    if official:
+        for fmt in _OFFICIAL_AUDIO:
+            if root / fmt.format(pid) != paths.get("audio"):
+                (root / fmt.format(pid)).unlink(missing_ok=True)
     if job["present"]["image"]:
         Image.fromarray(_image(job, rng), "RGB").save(paths["image"], "JPEG", quality=85)
     wave = _audio(job, rng) if job["present"]["audio"] else None
-    if wave is not None:
-        soundfile.write(paths["audio"], wave, job["sample_rate"], subtype="PCM_16")
+    if wave is not None and "audio" in paths:
+        if paths["audio"].suffix == ".mp3":
+            soundfile.write(paths["audio"], wave, job["sample_rate"], format="MP3", subtype="MPEG_LAYER_III")
+        else:
+            soundfile.write(paths["audio"], wave, job["sample_rate"], subtype="PCM_16")
     if job["present"]["video"]:
         _encode_mp4(paths["video"], _video(job, rng), job["fps"], wave, job["sample_rate"])
     if job.get("features"):
         demo_features.write_features(job, wave)
+        if official:  # the release keeps each feature in its own folder: features/<id>.X.npy -> <field>/<id>.npy
+            for name, (_, pattern) in demo_features.FILES.items():
+                source, target = root / pattern.format(pid), root / name / f"{pid}.npy"
+                if source.exists():
+                    source.replace(target)
+                else:
+                    target.unlink(missing_ok=True)
 
 
 def generate(out: str | Path, products: int, seed: int = 0, categories: int = 8,
@@ -279,9 +310,12 @@ def generate(out: str | Path, products: int, seed: int = 0, categories: int = 8,
              video_seconds: float = 2.0, fps: int = 12, audio_seconds: float = 2.0,
              sample_rate: int = 16000, workers: int = 0, features: bool = False,
              region_dim: int = 2048, video_feature_dim: int = 1024, mel_bins: int = 80,
-             mel_frames: int = 751) -> Path:
-    """Writes the raw folder; returns path to meta.jsonl. `features` also writes the pre-extracted
-    feature arrays (widths `region_dim`, `video_feature_dim`, `mel_bins`; at most `mel_frames`)."""
+             mel_frames: int = 751, layout: str = "jsonl") -> Path:
+    """Writes the raw folder; returns path to meta.jsonl (`layout="official"`: products.json).
+    `features` also writes the pre-extracted feature arrays (widths `region_dim`,
+    `video_feature_dim`, `mel_bins`; at most `mel_frames`)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"demo layout {layout!r}: expected one of {LAYOUTS}")
     missing = dict(missing or {})
     for m, rate in missing.items():
         if m not in MODALITIES:
@@ -293,10 +327,12 @@ def generate(out: str | Path, products: int, seed: int = 0, categories: int = 8,
     if features and min(region_dim, video_feature_dim, mel_bins, mel_frames) < 1:
         raise ValueError("feature sizes (region_dim, video_feature_dim, mel_bins, mel_frames) must be >= 1")
     root = Path(out)
-    for fmt in _FILES.values():
+    for fmt in (_FILES if layout == "jsonl" else _OFFICIAL).values():
         (root / fmt).parent.mkdir(parents=True, exist_ok=True)
     if features:
         (root / "features").mkdir(exist_ok=True)
+        for name in demo_features.FILES if layout == "official" else ():
+            (root / name).mkdir(exist_ok=True)
 
     world = _world(categories, world_seed)
     insts, listing = _instances(products, seed, world)
@@ -312,6 +348,9 @@ def generate(out: str | Path, products: int, seed: int = 0, categories: int = 8,
     jobs = [{"out": str(root), "seed": seed, "index": i, "id": r["id"], "present": r["present"],
              "inst": insts[listing[i]], "cats": {m: world[c] for m, c in r["shown"].items()},
              **sizes} for i, r in enumerate(rows)]
+    if layout == "official":
+        for job in jobs:
+            job["layout"], job["files"] = layout, _official_files(job["index"], job["present"])
     if features:  # the planted latents behind the region / clip features (demo_features.py)
         world_latent = demo_features.world_latents(categories, world_seed)
         inst_latent = demo_features.instance_latents(len(insts), seed)
@@ -331,6 +370,8 @@ def generate(out: str | Path, products: int, seed: int = 0, categories: int = 8,
         for job in jobs:
             _render(job)
 
+    if layout == "official":
+        return _write_official(root, rows, jobs, features)
     meta = root / "meta.jsonl"
     tmp = meta.with_suffix(".jsonl.tmp")  # readers never see a half-written meta.jsonl
     with tmp.open("w") as f:
@@ -343,6 +384,33 @@ def generate(out: str | Path, products: int, seed: int = 0, categories: int = 8,
                 **{m: _FILES[m].format(r["id"]) if p[m] else None for m in _FILES},
                 **({f: pattern.format(r["id"]) if p[m] else None
                     for f, (m, pattern) in demo_features.FILES.items()} if features else {})}) + "\n")
+    tmp.replace(meta)
+    return meta
+
+
+def _official_files(index: int, present: dict[str, bool]) -> dict[str, str]:
+    """Official layout: media path patterns of one product (no audio file: audio only in the video)."""
+    files = dict(_OFFICIAL)
+    if index % 3 == 1:
+        files["audio"] = "audio/{}.mp3"
+    elif index % 3 == 2 and present["video"]:
+        del files["audio"]
+    return files
+
+
+def _write_official(root: Path, rows: list[dict], jobs: list[dict], features: bool) -> Path:
+    """products.json as in the M5Product release: {id: {title, pv, label}} (+ the demo's instance)."""
+    if features:
+        try:
+            (root / "features").rmdir()  # only a staging folder in this layout
+        except OSError:  # not empty: files of an earlier jsonl-layout run into the same OUT
+            pass
+    meta = root / OFFICIAL_META
+    products = {r["id"]: {"title": r["title"] if r["present"]["text"] else "",
+                          "pv": r["table"] if r["present"]["table"] else "",
+                          "label": r["category"], "instance": r["instance"]} for r in rows}
+    tmp = meta.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(products))
     tmp.replace(meta)
     return meta
 
@@ -372,6 +440,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           ("fps", 12), ("audio-seconds", 2.0), ("sample-rate", 16000)):
         a(f"--{flag}", type=type(default), default=default)
     a("--workers", type=int, default=0, help="processes for media encoding (0: in-process)")
+    a("--layout", choices=LAYOUTS, default="jsonl",
+      help="jsonl: meta.jsonl + images/ videos/ audios/; official: products.json + image/ video/ audio/ "
+           "(some audio as mp3, some only in the video's track), as the M5Product release")
     a("--features", action="store_true",
       help="also write M5Product-style pre-extracted features (features/*.npy, meta.jsonl fields)")
     for flag, default in (("region-dim", 2048), ("video-feature-dim", 1024), ("mel-bins", 80),
@@ -385,7 +456,10 @@ def run(args: argparse.Namespace) -> None:
     # Option dests equal generate()'s parameter names; other options of a larger CLI are ignored.
     kw = {k: v for k, v in vars(args).items() if k in inspect.signature(generate).parameters}
     meta = generate(**{**kw, "missing": _parse_missing(args.missing)})
-    rows = [json.loads(line) for line in meta.read_text().splitlines()]
+    if meta.suffix == ".jsonl":
+        rows = [json.loads(line) for line in meta.read_text().splitlines()]
+    else:
+        rows = list(json.loads(meta.read_text()).values())
     print(f"demo: {len(rows)} products, {len({r['instance'] for r in rows})} instances, "
           f"{args.categories} categories -> {meta} in {time.perf_counter() - start:.1f}s")
 
