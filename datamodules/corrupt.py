@@ -24,18 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
+from datamodules.sources import FIELDS, TEXT_FIELDS  # the one field table (shared with the converter)
 from scale.config import MODALITIES
 
 KINDS = ("missing", "swap", "noise")
-# The metadata fields that carry each modality (media and pre-extracted features).
-FIELDS = {
-    "text": ("title",),
-    "table": ("table",),
-    "image": ("image", "image_regions", "image_boxes"),
-    "video": ("video", "video_features"),
-    "audio": ("audio", "audio_mel"),
-}
-TEXT_FIELDS = ("title", "table")
 NOISE_WORDS = "lorem ipsum dolor sit amet zeta quark blip nova orbit pixel delta echo flux glyph ion".split()
 
 

@@ -1,81 +1,82 @@
-"""Raw products -> webdataset tar shards (+ `sizes.json`), and shard-set discovery for readers.
+"""An M5Product release -> webdataset tar shards, resumable and parallel; and shard-set discovery.
 
-Input: a raw folder in the demo layout (`meta.jsonl` + media files, see `datamodules/demo.py`).
-Output, in OUT:
+    scale shards --src RAW --out OUT [--layout auto|jsonl|official] [--max-count N] [--max-bytes N]
+                 [--processes N] [--meta FILE] [--image-dir image ...] [--no-audio-from-video] [--overwrite]
 
-    shard-000000.tar, shard-000001.tar, ...   samples `<key>.json|.jpg|.mp4|.wav`, and the
-                                               pre-extracted features when the raw folder has
-                                               them: `<key>.regions.npy|.boxes.npy|.video.npy|.mel.npy`
-    sizes.json                                 {"shard-000000.tar": n_samples, ...}
+Input: a release in either layout of `datamodules/sources.py` (the demo's meta.jsonl + media, or the
+official JSON + per-modality folders). Output, in OUT:
 
-Feature files are copied byte for byte, like media (webdataset splits a name at its first dot, so
-their fields are `regions.npy`, `boxes.npy`, `video.npy`, `mel.npy`); the decoder reads them for
-the feature stems of the model config (`datamodules/decode.py`).
+    shard-000000.tar ...   samples `<key>.json` (id, title, table, category, ...) and, when usable,
+                           `<key>.jpg|.mp4|.wav|.mp3|.flac` and `<key>.regions.npy|.boxes.npy|
+                           .video.npy|.mel.npy`, copied byte for byte (the FLAC is audio taken from
+                           the video's sound track; see `datamodules/validate.py`)
+    sizes.json             {"shard-000000.tar": n_samples, ...} in shard order
+    report.json            totals, products/s, counts of skipped products / dropped files per reason
+    skipped.jsonl          one line per skipped product, dropped or cut field: id, modality, field,
+                           reason, detail, action
+    _progress/             the plan and one record per finished shard (what makes restarts exact)
 
-A shard closes at `max_count` samples or `max_bytes` bytes, whichever comes first, and is written
-to a temporary name and renamed when complete, so a crash never leaves a truncated shard under a
-real name. A media file that the metadata names but that does not exist makes that modality
-missing for the product (counted), not an error.
+How it works, and why:
+1. Plan. One pass over the metadata: repeated product ids are skipped (the first is kept),
+   unreadable records are reported, every file is `stat`ed (missing or oversized files are dropped
+   here, unread), and products are packed greedily, in source order, into shards of at most
+   `max_count` products and `max_bytes` bytes (the exact tar size of the files, plus a bound on
+   the FLAC of audio taken from a video track). The plan (`_progress/plan.json`, with a fingerprint
+   of the metadata's bytes and of the settings, and one manifest per shard) is written once; a
+   restart reuses exactly the same assignment, so a product can never land in two shards.
+2. Write. Shards are written by a process pool (`processes`), each to `shard-NNNNNN.tar.tmp`,
+   fsynced and renamed into place; then its record `_progress/shard-NNNNNN.json` (count, items) is
+   written atomically. A shard is done iff its record exists: a restart (the same command again)
+   leaves done shards untouched, deletes stale temporaries and writes the rest. A shard whose
+   products were all skipped is still written (an empty tar), so the numbering stays contiguous and
+   `OUT/shard-{000000..000041}.tar` stays a valid brace pattern.
+3. Validate. Every file is checked once while its shard is written (`datamodules/validate.py`,
+   limits from `DataLimits`): an unusable file drops that modality of that product, a product with
+   nothing usable is skipped, and each is reported with its reason.
+
+A shard can exceed `max_bytes` only when one product alone is larger (it then gets a shard of its
+own, and the report lists it). OUT holding shards of another plan (other source or settings) is an
+error unless `overwrite=True`: nothing already written is replaced silently.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import glob
 import io
 import json
 import os
 import re
+import shutil
+import signal
+import sys
 import tarfile
 import time
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import asdict
+from multiprocessing import get_context
 from pathlib import Path
+from typing import Any, Callable
 
 from braceexpand import braceexpand
 
-MEDIA = {"image": "jpg", "video": "mp4", "audio": "wav"}
-FEATURES = {
-    "image_regions": "regions.npy",
-    "image_boxes": "boxes.npy",
-    "video_features": "video.npy",
-    "audio_mel": "mel.npy",
-}
-"""meta.jsonl field (a path relative to the raw folder) -> shard field of M5Product's pre-extracted features."""
-FILES = {**MEDIA, **FEATURES}
-"""Every meta.jsonl field naming a file, and its shard field (in shard order: media, then features)."""
+from datamodules.limits import DataLimits
+from datamodules.sources import DEFAULT_DIRS, FIELD_TABLE, LAYOUTS, BadRecord, open_source, iter_products, shard_extension
+from datamodules.validate import check_product, flac_bound, probe_audio_track, size_limit
+
+MiB = 2**20
+DEFAULT_MAX_COUNT = 5000
+DEFAULT_MAX_BYTES = 512 * MiB
 SIZES_FILE = "sizes.json"
-
-
-class ShardWriter:
-    """Writes numbered tar shards bounded by count and bytes, each renamed into place when full."""
-
-    def __init__(self, out: Path, max_count: int, max_bytes: int, prefix: str = "shard"):
-        self.out, self.max_count, self.max_bytes, self.prefix = out, max_count, max_bytes, prefix
-        self.sizes: dict[str, int] = {}
-        self.tar: tarfile.TarFile | None = None
-
-    def write(self, key: str, files: dict[str, bytes]) -> None:
-        size = sum(len(data) for data in files.values())
-        if self.tar is not None and (self.count >= self.max_count or self.bytes + size > self.max_bytes):
-            self.close()
-        if self.tar is None:
-            self.name = f"{self.prefix}-{len(self.sizes):06d}.tar"
-            self.tar = tarfile.open(self.out / (self.name + ".tmp"), "w")
-            self.count, self.bytes = 0, 0
-        for extension, data in files.items():
-            info = tarfile.TarInfo(f"{key}.{extension}")
-            info.size, info.mtime, info.mode = len(data), 0, 0o444  # fixed metadata: reproducible shards
-            self.tar.addfile(info, io.BytesIO(data))
-        self.count += 1
-        self.bytes += size
-
-    def close(self) -> None:
-        if self.tar is None:
-            return
-        self.tar.close()
-        os.replace(self.out / (self.name + ".tmp"), self.out / self.name)
-        self.sizes[self.name] = self.count
-        self.tar = None
+REPORT_FILE = "report.json"
+SKIPPED_FILE = "skipped.jsonl"
+PROGRESS = "_progress"
+PLAN_VERSION = 1
+KILL_ENV = "SCALE_SHARDS_TEST_KILL_AFTER"
+"""Tests only: SIGKILL the conversion's process group once this many shard records exist (a real crash)."""
 
 
 def sample_key(product_id: str) -> str:
@@ -83,42 +84,312 @@ def sample_key(product_id: str) -> str:
     return re.sub(r"[./\\\s]", "_", product_id)
 
 
-def write_shards(src: str | Path, out: str | Path, max_count: int = 2000, max_bytes: int = 512 * 2**20) -> dict:
-    """Convert a raw folder to shards; returns a summary (samples, shards, missing media counts)."""
-    src, out = Path(src), Path(out)
-    meta_path = src / "meta.jsonl"
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"shards --src: {meta_path} not found (expected a raw folder with meta.jsonl)")
-    out.mkdir(parents=True, exist_ok=True)
-    writer = ShardWriter(out, max_count, max_bytes)
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+def brace_pattern(out: str | Path, shards: int) -> str:
+    """`OUT/shard-{000000..000041}.tar` (webdataset / braceexpand syntax) for `shards` shards."""
+    if shards == 1:
+        return f"{out}/{shard_name(0)}"
+    return f"{out}/shard-{{{0:06d}..{shards - 1:06d}}}.tar"
+
+
+def _member_bytes(name: str, size: int) -> int:
+    """Bytes a member takes in a tar: header (+ a PAX header for long or non-ASCII names) + data blocks."""
+    encoded = name.encode()
+    header = 512 if len(encoded) < 100 and name.isascii() else 1024 + -(-(len(encoded) + 64) // 512) * 512
+    return header + -(-size // 512) * 512
+
+
+def _tar_bytes(members: int) -> int:
+    """Size of a tar file of `members` bytes of members: end-of-archive blocks, padded to 10240."""
+    return -(-(members + 1024) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------- plan
+
+
+def _plan(source, out: Path, max_count: int, max_bytes: int, limits: DataLimits, fingerprint: dict) -> dict:
+    """Scan the metadata once and write the shard manifests and `plan.json` (last: it marks a complete plan)."""
+    progress, plan_dir = out / PROGRESS, out / PROGRESS / "plan"
+    shutil.rmtree(plan_dir, ignore_errors=True)
+    plan_dir.mkdir(parents=True)
+    shards: list[dict] = []
+    ids: set[str] = set()
+    keys: dict[str, str] = {}
     missing: Counter[str] = Counter()
-    start = time.time()
-    with open(meta_path) as lines:
-        for line_number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                product = json.loads(line)
-                key = sample_key(str(product["id"]))
-            except (json.JSONDecodeError, KeyError, TypeError) as error:
-                raise ValueError(f"{meta_path}:{line_number}: bad product record ({error})") from None
-            files = {"json": json.dumps({k: v for k, v in product.items() if k not in FILES}).encode()}
-            for name, extension in FILES.items():  # a modality (media) or a feature array
-                if product.get(name):
-                    path = src / product[name]
-                    if path.is_file():
-                        files[extension] = path.read_bytes()
-                    else:
-                        missing[name] += 1
-            writer.write(key, files)
-    writer.close()
-    (out / SIZES_FILE).write_text(json.dumps(writer.sizes, indent=1))
-    return {
-        "samples": sum(writer.sizes.values()),
-        "shards": len(writer.sizes),
-        "missing_media": dict(missing),
-        "seconds": round(time.time() - start, 2),
+    skipped: list[dict] = []
+    records = 0
+    manifest = None
+    for position, product in enumerate(iter_products(source)):
+        records += 1
+        if isinstance(product, BadRecord):
+            skipped.append({"id": product.id, "modality": "*", "field": "*", "reason": product.reason,
+                            "detail": product.detail, "action": "skipped"})
+            continue
+        key = sample_key(product.id)
+        if product.id in ids or key in keys:
+            reason, detail = (("duplicate_id", f"{product.where}: id seen before; the first is kept") if product.id in ids
+                              else ("key_collision", f"{product.where}: sample key {key!r} is also that of id {keys[key]!r}"))
+            skipped.append({"id": product.id, "modality": "*", "field": "*", "reason": reason, "detail": detail,
+                            "action": "skipped"})
+            continue
+        ids.add(product.id)
+        keys[key] = product.id
+        entry = _entry(product, key, limits, missing)
+        size = sum(_member_bytes(f"{key}.{e}", n) for e, n in entry.pop("sizes").items())
+        current = shards[-1] if shards else None
+        if current is None or current["count"] >= max_count or _tar_bytes(current["members"] + size) > max_bytes:
+            if manifest:
+                manifest.close()
+            current = {"name": shard_name(len(shards)), "first": position, "last": position, "count": 0, "members": 0}
+            shards.append(current)
+            manifest = open(plan_dir / (current["name"] + ".jsonl"), "w")
+        manifest.write(json.dumps(entry) + "\n")
+        current["count"] += 1
+        current["last"] = position
+        current["members"] += size
+    if manifest:
+        manifest.close()
+    if not shards:
+        first = f" (first: {skipped[0]['detail']})" if skipped else ""
+        raise ValueError(f"shards: {source.meta} holds no usable product record among {records}{first}")
+    for shard in shards:
+        shard["bytes"] = _tar_bytes(shard.pop("members"))
+        shard["oversized"] = shard["bytes"] > max_bytes
+    _atomic_write(progress / "plan-skipped.jsonl", "".join(json.dumps(s) + "\n" for s in skipped).encode())
+    plan = {"version": PLAN_VERSION, "fingerprint": fingerprint, "records": records, "products": len(ids),
+            "missing_media": dict(missing), "shards": shards}
+    _atomic_write(progress / "plan.json", json.dumps(plan, indent=1).encode())
+    return plan
+
+
+def _entry(product, key: str, limits: DataLimits, missing: Counter) -> dict:
+    """A product's manifest line: its JSON metadata and the files that exist within limits (`stat` only)."""
+    entry: dict[str, Any] = {"id": product.id, "key": key, "meta": product.meta, "files": {}, "notes": []}
+    sizes = {"json": len(json.dumps(product.meta).encode())}
+
+    def note(name: str, reason: str, detail: str) -> None:
+        entry["notes"].append({"id": product.id, "modality": FIELD_TABLE[name].modality, "field": name,
+                               "reason": reason, "detail": detail, "action": "dropped"})
+
+    for name, path in product.files.items():
+        extension = shard_extension(name, path)
+        try:
+            stat = os.stat(path)
+        except OSError:
+            stat = None
+        if stat is None or not os.path.isfile(path):
+            missing[FIELD_TABLE[name].modality] += 1
+            note(name, "not_found", f"{path}: no such file")
+        elif extension is None:
+            note(name, "unsupported_type", f"{path}: {Path(path).suffix or 'no suffix'} is not one of "
+                                           f"{', '.join(FIELD_TABLE[name].extensions)}")
+        elif stat.st_size > size_limit(name, limits):
+            note(name, "too_large", f"{path}: {stat.st_size} bytes, over the {name} limit {size_limit(name, limits)}")
+        else:
+            entry["files"][name] = [path, extension]
+            sizes[extension] = stat.st_size
+    if product.audio_from_video and "audio" not in entry["files"] and "video" in entry["files"]:
+        seconds = probe_audio_track(entry["files"]["video"][0])
+        if seconds is not None:  # reserve room for the FLAC so the byte bound holds
+            entry["audio_seconds"] = min(seconds + 1.0, limits.max_audio_seconds)
+            sizes["flac"] = flac_bound(entry["audio_seconds"])
+    entry["sizes"] = sizes
+    return entry
+
+
+def _fingerprint_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    diffs = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += _fingerprint_diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            diffs.append(f"{prefix}{k}: {a!r} -> {b!r}" if len(repr(a)) + len(repr(b)) < 120 else f"{prefix}{k} changed")
+    return diffs
+
+
+def _clear(out: Path) -> None:
+    """Remove a previous conversion's outputs (only with `overwrite`)."""
+    for pattern in ("shard-*.tar", "shard-*.tar.tmp", SIZES_FILE, REPORT_FILE, SKIPPED_FILE):
+        for path in out.glob(pattern):
+            path.unlink()
+    shutil.rmtree(out / PROGRESS / "plan", ignore_errors=True)
+    for path in (out / PROGRESS).glob("*.json*"):
+        path.unlink()
+
+
+def _load_or_plan(source, out: Path, max_count: int, max_bytes: int, limits: DataLimits, overwrite: bool) -> dict:
+    try:
+        fingerprint = {"version": PLAN_VERSION, "source": source.fingerprint(), "max_count": max_count,
+                       "max_bytes": max_bytes, "limits": asdict(limits)}
+    except OSError as error:
+        raise ValueError(f"shards: cannot read {source.meta} ({error.strerror or error})") from None
+    plan_path = out / PROGRESS / "plan.json"
+    if plan_path.is_file():
+        plan = json.loads(plan_path.read_text())
+        if plan.get("fingerprint") == fingerprint:
+            return plan
+        if not overwrite:
+            diff = "; ".join(_fingerprint_diff(plan.get("fingerprint", {}), fingerprint)[:4])
+            raise ValueError(f"shards --out: {plan_path} was planned from another source or settings ({diff}); "
+                             "use another --out, or --overwrite to replace that conversion")
+    elif (list(out.glob("shard-*.tar")) or (out / SIZES_FILE).exists()) and not overwrite:
+        raise ValueError(f"shards --out: {out} holds shards without a plan (another conversion?); "
+                         "use another --out, or --overwrite to replace them")
+    _clear(out)
+    return _plan(source, out, max_count, max_bytes, limits, fingerprint)
+
+
+# --------------------------------------------------------------------------------------- write
+
+
+def _write_shard(job: dict) -> dict:
+    """Write one planned shard (temporary name, fsync, rename), then its record; returns the record."""
+    start = time.perf_counter()
+    out, name, limits = Path(job["out"]), job["name"], DataLimits(**job["limits"])
+    progress = out / PROGRESS
+    tmp, items, count = out / (name + ".tmp"), [], 0
+    kill_after = os.environ.get(KILL_ENV)
+    with open(tmp, "wb") as f:
+        with tarfile.open(fileobj=f, mode="w") as tar:
+            with open(progress / "plan" / (name + ".jsonl")) as manifest:
+                for line in manifest:
+                    entry = json.loads(line)
+                    members, notes = check_product(entry, limits)
+                    items += notes
+                    if members is None:
+                        continue
+                    for extension, data in members.items():
+                        info = tarfile.TarInfo(f"{entry['key']}.{extension}")
+                        info.size, info.mtime, info.mode = len(data), 0, 0o444  # fixed metadata: reproducible
+                        tar.addfile(info, io.BytesIO(data))
+                    count += 1
+                    if kill_after and len(list(progress.glob("shard-*.json"))) >= int(kill_after):
+                        f.flush()
+                        os.killpg(os.getpgrp(), signal.SIGKILL)
+        f.flush()
+        os.fsync(f.fileno())
+    size = tmp.stat().st_size
+    os.replace(tmp, out / name)
+    record = {"shard": name, "count": count, "bytes": size, "seconds": round(time.perf_counter() - start, 3),
+              "items": items}
+    _atomic_write(progress / (name.removesuffix(".tar") + ".json"), json.dumps(record).encode())
+    return record
+
+
+def _record_path(out: Path, name: str) -> Path:
+    return out / PROGRESS / (name.removesuffix(".tar") + ".json")
+
+
+def _is_done(out: Path, name: str) -> bool:
+    record = _record_path(out, name)
+    if record.is_file() and not (out / name).is_file():
+        record.unlink()  # the shard was removed after it was recorded: write it again
+    return record.is_file()
+
+
+def write_shards(src: str | Path, out: str | Path, max_count: int = DEFAULT_MAX_COUNT, max_bytes: int = DEFAULT_MAX_BYTES,
+                 *, processes: int = 1, layout: str = "auto", meta: str | Path | None = None,
+                 dirs: dict[str, str] | None = None, audio_from_video: bool = True, limits: DataLimits | None = None,
+                 overwrite: bool = False, log: Callable[[str], None] | None = None) -> dict:
+    """Convert a release to shards in OUT (resuming a previous run of the same command); returns a
+    summary: samples, shards, pattern, missing_media, skipped_products, dropped, seconds, report."""
+    if max_count < 1 or max_bytes < tarfile.RECORDSIZE or processes < 1:
+        raise ValueError(f"shards: need --max-count >= 1, --max-bytes >= {tarfile.RECORDSIZE}, --processes >= 1")
+    start = time.perf_counter()
+    limits = limits or DataLimits()
+    source = open_source(src, layout, meta, dirs, audio_from_video)
+    out = Path(out)
+    (out / PROGRESS).mkdir(parents=True, exist_ok=True)
+    with open(out / PROGRESS / "lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"shards --out: another conversion is writing to {out}") from None
+        plan = _load_or_plan(source, out, max_count, max_bytes, limits, overwrite)
+        for stale in [*out.glob("shard-*.tar.tmp"), *(out / PROGRESS).glob("*.tmp")]:
+            stale.unlink()  # a crashed run's partial files; their shards are not done
+        names = [s["name"] for s in plan["shards"]]
+        pending = [n for n in names if not _is_done(out, n)]
+        if log:
+            log(f"shards: {plan['products']} products planned in {len(names)} shards; "
+                f"{len(names) - len(pending)} done, {len(pending)} to write with {min(processes, max(len(pending), 1))} process(es)")
+        written = _write_all(out, pending, limits, processes, log, len(names))
+        summary = _finish(out, source, plan, written, time.perf_counter() - start)
+    return summary
+
+
+def _write_all(out: Path, pending: list[str], limits: DataLimits, processes: int, log, total: int) -> list[dict]:
+    jobs = [{"out": str(out), "name": n, "limits": asdict(limits)} for n in pending]
+    done, products, start = [], 0, time.perf_counter()
+
+    def progress(record: dict) -> None:
+        nonlocal products
+        done.append(record)
+        products += record["count"]
+        if log:
+            rate = products / max(time.perf_counter() - start, 1e-9)
+            log(f"{record['shard']}: {record['count']} samples, {record['bytes'] / MiB:.1f} MiB "
+                f"({total - len(pending) + len(done)}/{total} shards, {rate:.0f} products/s)")
+
+    if processes == 1 or len(jobs) <= 1:
+        for job in jobs:
+            progress(_write_shard(job))
+        return done
+    # spawn, not fork: the caller may hold threads (torch, decoders); a dead worker breaks the pool
+    # (BrokenProcessPool) instead of hanging it, and every finished shard stays done.
+    with ProcessPoolExecutor(min(processes, len(jobs)), mp_context=get_context("spawn")) as pool:
+        for future in as_completed([pool.submit(_write_shard, job) for job in jobs]):
+            progress(future.result())
+    return done
+
+
+def _finish(out: Path, source, plan: dict, written: list[dict], seconds: float) -> dict:
+    """sizes.json, report.json and skipped.jsonl from the records of every shard (this run's and earlier)."""
+    records = [json.loads(_record_path(out, s["name"]).read_text()) for s in plan["shards"]]
+    sizes = {r["shard"]: r["count"] for r in records}
+    items = [json.loads(line) for line in (out / PROGRESS / "plan-skipped.jsonl").read_text().splitlines()]
+    items += [item for r in records for item in r["items"]]
+    counts: dict[str, Counter] = {}
+    for item in items:
+        counts.setdefault(item["action"], Counter())[f"{item['modality']}/{item['reason']}"] += 1
+    new = sum(r["count"] for r in written)
+    pattern = brace_pattern(out, len(sizes))
+    summary = {
+        "samples": sum(sizes.values()), "shards": len(sizes), "pattern": pattern,
+        "bytes": sum(r["bytes"] for r in records), "records": plan["records"],
+        "products_planned": plan["products"],
+        "skipped_products": sum(counts.get("skipped", {}).values()),
+        "skipped": dict(counts.get("skipped", {})), "dropped": dict(counts.get("dropped", {})),
+        "cut": dict(counts.get("cut", {})), "kept_with_warning": dict(counts.get("kept", {})),
+        "audio_from_video": sum(counts.get("added", {}).values()),
+        "missing_media": plan["missing_media"],
+        "oversized_shards": [s["name"] for s in plan["shards"] if s["oversized"]],
+        "empty_shards": [n for n, c in sizes.items() if c == 0],
+        "this_run": {"shards_written": len(written), "samples_written": new, "seconds": round(seconds, 2),
+                     "products_per_s": round(new / seconds, 1) if seconds > 0 else None},
+        "seconds": round(seconds, 2), "source": str(source.meta), "layout": source.layout,
+        "report": str(out / REPORT_FILE), "items": str(out / SKIPPED_FILE),
     }
+    _atomic_write(out / SKIPPED_FILE, "".join(json.dumps(i) + "\n" for i in items if i["action"] != "added").encode())
+    _atomic_write(out / SIZES_FILE, json.dumps(sizes, indent=1).encode())
+    _atomic_write(out / REPORT_FILE, json.dumps(summary, indent=1).encode())
+    return summary
+
+
+# ------------------------------------------------------------------------------------- readers
 
 
 def list_shards(spec: str) -> list[str]:
@@ -136,14 +407,45 @@ def list_shards(spec: str) -> list[str]:
     return shards
 
 
+# ----------------------------------------------------------------------------------------- CLI
+
+
+def _bytes(text: str) -> int:
+    """`536870912`, `512M`, `512MiB`, `1G` -> bytes (binary units)."""
+    match = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a byte size: {text!r} (e.g. 536870912, 512M, 1G)")
+    return int(match[1]) * 1024 ** " KMGT".index(match[2].upper() or " ")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--src", required=True, help="raw folder with meta.jsonl")
-    parser.add_argument("--out", required=True, help="output folder for shards")
-    parser.add_argument("--max-count", type=int, default=2000, help="samples per shard at most")
-    parser.add_argument("--max-bytes", type=int, default=512 * 2**20, help="bytes per shard at most")
+    a = parser.add_argument
+    a("--src", required=True, help="release folder (meta.jsonl, or an official JSON + folders), or its metadata file")
+    a("--out", required=True, help="output folder for shards")
+    a("--layout", choices=LAYOUTS, default="auto", help="auto: meta.jsonl -> jsonl, a *.json file -> official")
+    a("--meta", help="the metadata file, when SRC has several JSON files or another name")
+    a("--max-count", type=int, default=DEFAULT_MAX_COUNT, help=f"samples per shard at most (default {DEFAULT_MAX_COUNT})")
+    a("--max-bytes", type=_bytes, default=DEFAULT_MAX_BYTES, help="bytes per shard at most, e.g. 512M (default 512 MiB)")
+    a("--processes", type=int, default=os.cpu_count() or 1, help="shard-writing processes (default: CPU count)")
+    for name, folder in DEFAULT_DIRS.items():
+        a(f"--{name.replace('_', '-')}-dir", dest=f"{name}_dir", default=folder,
+          help=f"official layout: folder of the {name} files (default {folder}/)")
+    a("--no-audio-from-video", dest="audio_from_video", action="store_false",
+      help="never take audio from a video's sound track")
+    a("--overwrite", action="store_true", help="replace a conversion of another source / settings in OUT")
 
 
 def run(args: argparse.Namespace) -> None:
-    summary = write_shards(args.src, args.out, args.max_count, args.max_bytes)
-    print(f"wrote {summary['samples']} samples in {summary['shards']} shards to {args.out} "
-          f"({summary['seconds']} s; missing media: {summary['missing_media'] or 'none'})")  # fmt: skip
+    dirs = {name: getattr(args, f"{name}_dir") for name in DEFAULT_DIRS}
+    try:
+        s = write_shards(args.src, args.out, args.max_count, args.max_bytes, processes=args.processes,
+                         layout=args.layout, meta=args.meta, dirs=dirs, audio_from_video=args.audio_from_video,
+                         overwrite=args.overwrite, log=lambda line: print(line, flush=True))
+    except BrokenProcessPool:
+        sys.exit(f"scale shards: error: a shard-writing process died (out of memory? killed?); finished shards "
+                 f"are kept: run the same command again to resume")
+    dropped = sum(s["dropped"].values())
+    print(f"wrote {s['samples']} samples in {s['shards']} shards ({s['bytes'] / MiB:.1f} MiB, {s['seconds']} s, "
+          f"{s['this_run']['products_per_s']} products/s this run); skipped {s['skipped_products']} products, "
+          f"dropped {dropped} files (details: {s['items']}; totals: {s['report']})")
+    print(s["pattern"])
