@@ -1,12 +1,22 @@
-"""Bytes -> tensors: one function per modality, and `SampleDecoder` that applies them to a shard sample.
+"""Shard sample -> tensors: `SampleDecoder` applies one decoder per modality to a raw sample.
 
 Every modality tensor has a fixed shape (set by the model config), so collation is a stack and the
 model sees static shapes. A modality that is missing from the sample, or whose bytes fail to
 decode, becomes *absent*: zeros plus `present=False`. A failure is counted per kind and warned about
-at a limited rate; it never stops training. A sample with no usable modality is dropped.
+at a limited rate; it does not stop training, unless more than `DataLimits.max_error_rate` of the
+samples had errors (then `DataErrorRateExceeded`: a run fed mostly broken data is a broken run). A
+sample with no usable modality, or whose JSON record is unusable, is dropped.
+
+Limits (`datamodules/limits.py`) are checked again here, before decoding, because shards may come
+from elsewhere than our converter: field sizes in bytes, image pixels and video pixels / seconds
+from headers, audio seconds, title and table lengths; video decoding runs under a wall-clock limit
+in a helper process (decord is known to hang). A limit exceeded counts under the modality and under
+`<modality>: too large` (or `video: timeout`).
 
 Each of image, video and audio has two input stems (`<modality>.stem` in the model config): the
-media file (JPEG, MP4, WAV) or M5Product's pre-extracted features as `.npy` arrays:
+media file (`datamodules/decoders/media.py`: JPEG; MP4; audio as WAV, FLAC or MP3, whichever field
+the sample has) or M5Product's pre-extracted features as `.npy` arrays
+(`datamodules/decoders/features.py`):
 
     stem                 shard fields               decoded tensors (fixed shapes)
     image.regions        regions.npy (R, region_dim) regions (max_regions, region_dim) float32,
@@ -16,31 +26,33 @@ media file (JPEG, MP4, WAV) or M5Product's pre-extracted features as `.npy` arra
 
 Longer arrays are cut (first regions / clips / frames), shorter ones zero-padded and masked.
 
-Shards never execute code: only JSON, JPEG, MP4, WAV and `.npy` are read, with explicit decoders
-(no webdataset auto-decoding, whose defaults include pickle). `.npy` files are loaded with
-`allow_pickle=False` and must hold a finite numeric array of the expected shape: an object array
-(which would need unpickling), a wrong shape or a NaN makes the modality absent, counted like
-corrupt media.
+Shards never execute code: only JSON, JPEG, MP4, WAV/FLAC/MP3 and `.npy` are read, with explicit
+decoders (no webdataset auto-decoding, whose defaults include pickle); any other member of a sample
+(`.pyd`, `.pickle`, `.pth`, ...) is ignored, never looked at. `.npy` files are loaded with
+`allow_pickle=False`: an object array, a wrong shape or a NaN makes the modality absent, counted.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from collections import Counter
 from typing import Any
 
-import numpy as np
-import soundfile
 import torch
-import torchaudio
-from PIL import Image
 from timm.data import create_transform
 
-from scale.config import AudioConfig, ImageConfig, ModelConfig, TableConfig, VideoConfig
+from datamodules.decoders.features import NPY_MAGIC, decode_mel, decode_regions, decode_video_features, load_npy
+from datamodules.decoders.media import IMAGE_FORMATS, check_size, decode_audio, decode_image, decode_video
+from datamodules.limits import DataErrorRateExceeded, DataLimits
+from datamodules.video_reader import MediaTooLarge
+from scale.config import ImageConfig, ModelConfig, TableConfig
 from scale.pretrained_paths import load_tokenizer
-from datamodules.video_reader import read_frames
+
+__all__ = [  # the byte decoders live in datamodules/decoders/; importable from here as before
+    "SampleDecoder", "parse_table", "category_label", "load_npy", "decode_regions", "decode_video_features",
+    "decode_mel", "decode_image", "decode_video", "decode_audio", "check_size", "NPY_MAGIC", "IMAGE_FORMATS",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -58,97 +70,36 @@ def parse_table(table: str) -> list[tuple[str, str]]:
     return pairs
 
 
-NPY_MAGIC = b"\x93NUMPY"
-
-
-def load_npy(data: bytes, name: str, dims: int, shape: tuple[int | None, ...]) -> np.ndarray:
-    """`.npy` bytes -> a finite float32 array of `dims` dimensions whose sizes match `shape`
-    (None: any size >= 1). Never unpickles: object arrays are refused by `allow_pickle=False`."""
-    if not data.startswith(NPY_MAGIC):  # np.load would also accept a zip (.npz) or a pickle stream
-        raise ValueError(f"{name}: not a .npy array")
-    array = np.load(io.BytesIO(data), allow_pickle=False)
-    if array.dtype.kind not in "iuf":
-        raise ValueError(f"{name}: dtype {array.dtype} is not numeric")
-    if array.ndim != dims or any(want is not None and got != want for got, want in zip(array.shape, shape)):
-        expected = " x ".join("N" if want is None else str(want) for want in shape)
-        raise ValueError(f"{name}: shape {array.shape}, expected {expected}")
-    if 0 in array.shape:
-        raise ValueError(f"{name}: empty array {array.shape}")
-    array = array.astype(np.float32)
-    if not np.isfinite(array).all():
-        raise ValueError(f"{name}: non-finite values")
-    return array
-
-
-def _pad(array: np.ndarray, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """First `length` rows of `array`, zero-padded; and the (length,) mask of real rows."""
-    rows = min(len(array), length)
-    padded = torch.zeros(length, *array.shape[1:])
-    padded[:rows] = torch.from_numpy(array[:rows])
-    return padded, torch.arange(length) < rows
-
-
-def decode_regions(regions: bytes, boxes: bytes, config: ImageConfig) -> dict[str, torch.Tensor]:
-    """Region features (R, region_dim) and boxes (R, 5) -> fixed `max_regions` slots with a mask."""
-    features = load_npy(regions, "regions.npy", 2, (None, config.region_dim))
-    box = load_npy(boxes, "boxes.npy", 2, (len(features), 5))
-    features, mask = _pad(features, config.max_regions)
-    return {"regions": features, "boxes": _pad(box, config.max_regions)[0], "region_mask": mask}
-
-
-def decode_video_features(data: bytes, config: VideoConfig) -> dict[str, torch.Tensor]:
-    """Per-second clip features (T, feature_dim) -> the first `frames` clips with a mask."""
-    features, mask = _pad(load_npy(data, "video.npy", 2, (None, config.feature_dim)), config.frames)
-    return {"features": features, "frame_mask": mask}
-
-
-def decode_mel(data: bytes, config: AudioConfig) -> tuple[torch.Tensor, int]:
-    """Log-mel spectrogram (mel_bins, T) -> (normalised frames (feature_frames, mel_bins), valid count)."""
-    mel = load_npy(data, "mel.npy", 2, (config.mel_bins, None)).T
-    frames, mask = _pad((mel - config.norm_mean) / config.norm_std, config.feature_frames)
-    return frames, int(mask.sum())
-
-
-def decode_image(data: bytes, transform) -> torch.Tensor:
-    with Image.open(io.BytesIO(data)) as image:
-        return transform(image.convert("RGB"))
-
-
-def decode_video(data: bytes, config: VideoConfig, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    frames = torch.from_numpy(read_frames(data, config.frames, config.size))  # (T, S, S, 3) uint8
-    return (frames.permute(0, 3, 1, 2).float() / 255.0 - mean) / std
-
-
-def decode_audio(data: bytes, config: AudioConfig) -> tuple[torch.Tensor, int]:
-    """WAV/FLAC/OGG bytes -> (normalised fbank (num_frames, mel_bins), valid frame count)."""
-    wave, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    wave = torch.from_numpy(wave.mean(axis=1))  # mono
-    if rate != config.sample_rate:
-        wave = torchaudio.functional.resample(wave, rate, config.sample_rate)
-    wave = wave[: int(round(config.seconds * config.sample_rate))]
-    if wave.numel() < int(0.025 * config.sample_rate):
-        raise ValueError("audio shorter than one 25-ms window")
-    fbank = torchaudio.compliance.kaldi.fbank(
-        wave[None], sample_frequency=config.sample_rate, num_mel_bins=config.mel_bins,
-        htk_compat=True, window_type="hanning", use_energy=False, dither=0.0, frame_shift=10.0,
-    )  # fmt: skip
-    fbank = (fbank - config.norm_mean) / config.norm_std
-    length = fbank.shape[0]
-    padded = torch.zeros(config.num_frames, config.mel_bins)
-    padded[:length] = fbank[: config.num_frames]
-    return padded, min(length, config.num_frames)
+def category_label(value: Any) -> int:
+    """The integer category of a record; -1 (unknown) for a missing or non-integer label. Not an
+    error: labels only serve evaluation, and a release may label by name."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit() and len(value) < 20:
+        return int(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return -1
 
 
 class SampleDecoder:
     """Turns one raw shard sample (`{"__key__", "json", "jpg", "mp4", "wav", "regions.npy", ...}` of
-    bytes) into tensors, reading for each modality the field of its configured stem."""
+    bytes) into tensors, reading for each modality the field of its configured stem.
 
-    def __init__(self, config: ModelConfig, warn_every: int = 100):
+    Counts, per data worker (each worker holds its own copy): `samples` seen, `dropped` (samples
+    without any usable modality), `errors` per kind (an unusable JSON record drops its sample and
+    counts as "json"), and `bad_samples` (samples with any error), bounded by `limits.max_error_rate`."""
+
+    def __init__(self, config: ModelConfig, limits: DataLimits | None = None, warn_every: int = 100):
         self.config = config
+        self.limits = limits or DataLimits()
         self.modalities = list(config.modalities)
         self.errors: Counter[str] = Counter()
+        self.samples = 0
+        self.bad_samples = 0
         self.dropped = 0
         self.warn_every = warn_every
+        self._sample_bad: bool | None = None  # inside __call__: whether this sample had an error yet
         image: ImageConfig = config.image
         # timm's eval transform of the image tower: resize, centre crop, tensor, normalise.
         self.image_transform = create_transform(
@@ -165,20 +116,41 @@ class SampleDecoder:
             self._tokenizer = load_tokenizer(self.config.tokenizer)
         return self._tokenizer
 
+    def _bytes(self, sample: dict[str, bytes], field: str) -> bytes:
+        """A media or feature field, refused (MediaTooLarge) over its byte limit before decoding."""
+        limit = self.MAX_BYTES.get(field, "max_npy_bytes")
+        return check_size(sample[field], field, getattr(self.limits, limit))
+
+    MAX_BYTES = {"jpg": "max_image_bytes", "mp4": "max_video_bytes", "wav": "max_audio_bytes",
+                 "flac": "max_audio_bytes", "mp3": "max_audio_bytes", "json": "max_json_bytes"}  # fmt: skip
+    """Shard field -> its DataLimits byte limit (any other field: an `.npy`, `max_npy_bytes`)."""
+
     # ---- per-modality decoders: return the modality's tensors (present) or raise ----------------
+    # KeyError means "the product lacks this modality" (absent, not counted); anything else is counted.
+    @staticmethod
+    def _string(meta: dict[str, Any], name: str, max_chars: int) -> str:
+        value = meta.get(name)
+        if value is None:
+            raise KeyError(f"no {name}")
+        if not isinstance(value, str):
+            raise TypeError(f"{name} is a JSON {type(value).__name__}, not a string")
+        # Cut before tokenising / parsing: their cost grows with the input, however little is kept.
+        value = value[:max_chars].strip()
+        if not value:
+            raise KeyError(f"empty {name}")
+        return value
+
     def text(self, meta: dict[str, Any], sample: dict[str, bytes]) -> dict[str, torch.Tensor]:
-        title = str(meta.get("title") or "").strip()
-        if not title:
-            raise KeyError("empty title")
+        title = self._string(meta, "title", self.limits.max_title_chars)
         encoded = self.tokenizer(title, max_length=self.config.text.max_tokens, truncation=True,
                                  padding="max_length", return_tensors="pt")  # fmt: skip
         return {"input_ids": encoded["input_ids"][0], "attention_mask": encoded["attention_mask"][0]}
 
     def table(self, meta: dict[str, Any], sample: dict[str, bytes]) -> dict[str, torch.Tensor]:
         config: TableConfig = self.config.table
-        pairs = parse_table(str(meta.get("table") or ""))[: config.max_pairs]
-        if not pairs:
-            raise KeyError("no property-value pair")
+        pairs = parse_table(self._string(meta, "table", self.limits.max_table_chars))[: config.max_pairs]
+        if not pairs:  # a non-empty table string without one key#:#value pair is malformed
+            raise ValueError("no well-formed property-value pair in the table")
         pieces = self.tokenizer([text for pair in pairs for text in pair], add_special_tokens=False)["input_ids"]
         tok = self.tokenizer
         ids, entity, role = [tok.cls_token_id], [-1], [-1]
@@ -200,19 +172,23 @@ class SampleDecoder:
         if self.config.image.stem == "regions":
             if "boxes.npy" not in sample:
                 raise ValueError("regions.npy without boxes.npy")
-            return decode_regions(sample["regions.npy"], sample["boxes.npy"], self.config.image)
-        return {"pixels": decode_image(sample["jpg"], self.image_transform)}
+            regions, boxes = self._bytes(sample, "regions.npy"), self._bytes(sample, "boxes.npy")
+            return decode_regions(regions, boxes, self.config.image)
+        pixels = decode_image(self._bytes(sample, "jpg"), self.image_transform,
+                              self.limits.max_image_pixels, self.config.image.size)  # fmt: skip
+        return {"pixels": pixels}
 
     def video(self, meta: dict[str, Any], sample: dict[str, bytes]) -> dict[str, torch.Tensor]:
         if self.config.video.stem == "features":
-            return decode_video_features(sample["video.npy"], self.config.video)
-        return {"frames": decode_video(sample["mp4"], self.config.video, self.mean, self.std)}
+            return decode_video_features(self._bytes(sample, "video.npy"), self.config.video)
+        return {"frames": decode_video(self._bytes(sample, "mp4"), self.config.video, self.mean, self.std, self.limits)}
 
     def audio(self, meta: dict[str, Any], sample: dict[str, bytes]) -> dict[str, torch.Tensor]:
         if self.config.audio.stem == "features":
-            fbank, length = decode_mel(sample["mel.npy"], self.config.audio)
+            fbank, length = decode_mel(self._bytes(sample, "mel.npy"), self.config.audio)
         else:
-            fbank, length = decode_audio(sample["wav"], self.config.audio)
+            field = self.field("audio", sample)
+            fbank, length = decode_audio(self._bytes(sample, field), self.config.audio, self.limits.max_audio_seconds)
         return {"fbank": fbank, "length": torch.tensor(length)}
 
     def absent(self, modality: str) -> dict[str, torch.Tensor]:
@@ -240,41 +216,63 @@ class SampleDecoder:
             return {"fbank": torch.zeros(c.audio.num_frames, c.audio.mel_bins), "length": torch.tensor(0)}
         raise KeyError(modality)
 
-    MEDIA_FIELD = {"image": "jpg", "video": "mp4", "audio": "wav"}
+    MEDIA_FIELDS = {"image": ("jpg",), "video": ("mp4",), "audio": ("wav", "flac", "mp3")}
+    """Media fields per modality; audio is whichever the sample has (the converter keeps a video's
+    sound track as FLAC and MP3 files as they are), in this order of preference."""
     FEATURE_FIELD = {"image": "regions.npy", "video": "video.npy", "audio": "mel.npy"}
     FEATURE_STEMS = {"image": "regions", "video": "features", "audio": "features"}
 
-    def field(self, modality: str) -> str | None:
-        """The shard field a modality is read from under its configured stem (None: the JSON)."""
+    def fields(self, modality: str) -> tuple[str, ...]:
+        """The shard fields a modality may be read from under its configured stem (empty: the JSON)."""
         if modality in self.FEATURE_STEMS and self.config.modality(modality).stem == self.FEATURE_STEMS[modality]:
-            return self.FEATURE_FIELD[modality]
-        return self.MEDIA_FIELD.get(modality)
+            return (self.FEATURE_FIELD[modality],)
+        return self.MEDIA_FIELDS.get(modality, ())
+
+    def field(self, modality: str, sample: dict[str, Any] | None = None) -> str | None:
+        """The shard field a modality is read from (None: the JSON). With `sample`: the first of
+        `fields(modality)` the sample has (None if it has none: the modality is missing)."""
+        fields = self.fields(modality)
+        if sample is not None:
+            return next((field for field in fields if field in sample), None)
+        return fields[0] if fields else None
+
+    def _present_in(self, modality: str, sample: dict[str, Any]) -> bool:
+        fields = self.fields(modality)
+        return not fields or any(field in sample for field in fields)
+
+    def _meta(self, sample: dict[str, Any]) -> dict[str, Any]:
+        meta = json.loads(self._bytes(sample, "json"))
+        if not isinstance(meta, dict):
+            raise ValueError(f"the record is a JSON {type(meta).__name__}, not an object")
+        return meta
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any] | None:
-        key = sample.get("__key__", "?")
+        self.samples += 1
+        self._sample_bad = False
         try:
-            meta = json.loads(sample["json"])
-            if not isinstance(meta, dict):
-                raise ValueError("not a JSON object")
-        except Exception as error:
-            self._count("json", key, error)
+            return self._decode(sample)
+        finally:
+            self._sample_bad = None
+
+    def _decode(self, sample: dict[str, Any]) -> dict[str, Any] | None:
+        key = str(sample.get("__key__", "?"))
+        try:
+            meta = self._meta(sample)
+        except Exception as error:  # no record, too large, not JSON, not an object: nothing to label it by
+            self.count_error(self._kind("json", error), key, error)  # counted as json, not in `dropped`
             return None
-        decoded: dict[str, Any] = {
-            "key": key,
-            "category": int(meta.get("category", -1)),
-            "instance": str(meta.get("instance", key)),
-        }
+        decoded: dict[str, Any] = {"key": key, "category": category_label(meta.get("category")),
+                                   "instance": str(meta.get("instance", key))}  # fmt: skip
         any_present = False
         for modality in self.modalities:
-            media = self.field(modality)
             value = None
-            if media is None or media in sample:
+            if self._present_in(modality, sample):
                 try:
                     value = getattr(self, modality)(meta, sample)
                 except KeyError:
                     value = None  # the product simply lacks this modality: not an error
                 except Exception as error:
-                    self._count(modality, key, error)
+                    self.count_error(self._kind(modality, error), key, error)
             present = value is not None
             any_present |= present
             decoded[modality] = {**(value if present else self.absent(modality)), "present": torch.tensor(present)}
@@ -283,8 +281,49 @@ class SampleDecoder:
             return None
         return decoded
 
-    def _count(self, kind: str, key: str, error: Exception) -> None:
-        self.errors[kind] += 1
-        if self.errors[kind] == 1 or self.errors[kind] % self.warn_every == 0:
-            log.warning("sample %s: %s unusable (%s: %s); %d %s errors so far", key, kind,
-                        type(error).__name__, error, self.errors[kind], kind)  # fmt: skip
+    @staticmethod
+    def _kind(modality: str, error: Exception) -> str:
+        """`<modality>: too large` / `<modality>: timeout` for limits, else the modality."""
+        if isinstance(error, MediaTooLarge):
+            return f"{modality}: too large"
+        if isinstance(error, TimeoutError):
+            return f"{modality}: timeout"
+        return modality
+
+    # ---- error counting and the error-rate stop -------------------------------------------------
+    def count_error(self, kind: str, key: str, error: Exception | str) -> None:
+        """Count one error of `kind` (`"image"`, `"video: timeout"`, `"tar"`, ...) for sample or
+        shard `key`, warn at a limited rate, then enforce `limits.max_error_rate`.
+
+        A sub-kind `"<kind>: <detail>"` also counts under `<kind>`, so `errors[modality]` counts
+        every failure of that modality. Called while a sample is decoded, it marks that sample bad
+        (once, however many errors it has); called from outside (the stream, e.g. a truncated tar
+        shard) it counts as one sample of its own, and a bad one."""
+        base = kind.partition(": ")[0]
+        self.errors[base] += 1
+        if kind != base:
+            self.errors[kind] += 1
+        if self._sample_bad is None:
+            self.samples += 1
+            self.bad_samples += 1
+        elif not self._sample_bad:
+            self._sample_bad = True
+            self.bad_samples += 1
+        count = self.errors[kind]
+        if count == 1 or count % self.warn_every == 0:
+            detail = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
+            log.warning("%s: %s unusable (%.300s); %d %s errors so far", key, kind, detail, count, kind)
+        self.check_error_rate()
+
+    def check_error_rate(self) -> None:
+        """Raise DataErrorRateExceeded when, after `error_rate_min_samples` samples, more than
+        `max_error_rate` of them had an error."""
+        limits = self.limits
+        if self.samples < limits.error_rate_min_samples or self.bad_samples <= limits.max_error_rate * self.samples:
+            return
+        kinds = ", ".join(f"{kind}={count}" for kind, count in sorted(self.errors.items()))
+        raise DataErrorRateExceeded(
+            f"{self.bad_samples} of {self.samples} samples ({self.bad_samples / self.samples:.1%}) read by this "
+            f"data worker had errors, over data.limits.max_error_rate={limits.max_error_rate:g} (errors: {kinds}); "
+            f"fix or remove the bad shards, or raise data.limits.max_error_rate (1.0 never stops)"
+        )

@@ -1,13 +1,26 @@
 """One small interface over the video decoders: `read_frames(bytes) -> (T, S, S, 3) uint8`.
 
 decord is fast but unmaintained since 2022 (x86-64 Linux wheel only, known hangs on over-reported
-frame counts), so it sits behind this function with PyAV as the fallback, and is always opened with
-`num_threads=1`: data workers are the parallelism, and decord's own threads oversubscribe the CPU.
+frame counts, memory growth on seeks), so it sits behind this function with PyAV as the fallback,
+and is always opened with `num_threads=1`: data workers are the parallelism, and decord's own
+threads oversubscribe the CPU. Both backends decode only the wanted frames: decord's `get_batch`
+seeks, and the PyAV reader seeks to the keyframe before each wanted frame (see `_read_pyav`).
+
+A time limit (`timeout_s`) cannot be enforced inside the process: decord hangs inside C code, where
+a Python signal handler never runs. So with a limit, decoding runs in a helper process
+(one per data worker, forked lazily, fed the bytes over a pipe, returning the frame array), which
+is killed (SIGKILL) when it overruns and replaced by a fresh one on the next call.
 """
 
 from __future__ import annotations
 
+import bisect
+import ctypes
 import io
+import os
+import signal
+import threading
+from multiprocessing.connection import Connection, Pipe
 
 import numpy as np
 
@@ -15,6 +28,12 @@ try:  # decord has no wheel off x86-64 Linux; PyAV alone then does the work
     import decord
 except ImportError:  # pragma: no cover - depends on the platform
     decord = None
+
+BACKENDS = ("auto", "decord", "pyav")
+
+
+class MediaTooLarge(ValueError):
+    """A media header over a size limit (pixels, seconds, bytes): refused before decoding."""
 
 
 def sample_indices(available: int, wanted: int) -> np.ndarray:
@@ -24,6 +43,27 @@ def sample_indices(available: int, wanted: int) -> np.ndarray:
     return np.linspace(0, available - 1, wanted).round().astype(np.int64)
 
 
+def check_header(data: bytes, max_pixels: int | None = None, max_seconds: float | None = None) -> None:
+    """Raise MediaTooLarge when the container header claims more than `max_pixels` (width x height)
+    or `max_seconds`. Reads the header only (PyAV), before any backend decodes a frame."""
+    import av
+
+    with av.open(io.BytesIO(data)) as container:
+        if not container.streams.video:
+            raise ValueError("no video stream")
+        stream = container.streams.video[0]
+        width, height = stream.codec_context.width, stream.codec_context.height
+        if max_pixels is not None and width * height > max_pixels:
+            raise MediaTooLarge(f"video {width}x{height} is over max_video_pixels={max_pixels}")
+        seconds = None
+        if stream.duration is not None and stream.time_base is not None:
+            seconds = float(stream.duration * stream.time_base)
+        elif container.duration is not None:
+            seconds = container.duration / av.time_base
+        if max_seconds is not None and seconds is not None and seconds > max_seconds:
+            raise MediaTooLarge(f"video of {seconds:.0f} s is over max_video_seconds={max_seconds:g}")
+
+
 def _read_decord(data: bytes, num_frames: int, size: int) -> np.ndarray:
     reader = decord.VideoReader(io.BytesIO(data), num_threads=1, width=size, height=size)
     # Over-reported frame counts are a known decord failure: ask for at most the reported frames
@@ -31,24 +71,75 @@ def _read_decord(data: bytes, num_frames: int, size: int) -> np.ndarray:
     return reader.get_batch(sample_indices(len(reader), num_frames).tolist()).asnumpy()
 
 
+def _to_rgb(frame, size: int) -> np.ndarray:
+    return frame.to_ndarray(width=size, height=size, format="rgb24")
+
+
 def _read_pyav(data: bytes, num_frames: int, size: int) -> np.ndarray:
+    """The wanted frames only: one demux pass (packets, no decoding) gives every frame's timestamp
+    and the keyframes; then for each wanted frame, seek to the keyframe before it and decode
+    forward to it, unless it is reachable by decoding on from the last wanted frame (same group of
+    pictures), which is cheaper than a seek back to the same keyframe."""
     import av
 
     with av.open(io.BytesIO(data)) as container:
         if not container.streams.video:
             raise ValueError("no video stream")
         stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        frames = [f.to_ndarray(width=size, height=size, format="rgb24") for f in container.decode(stream)]
+        stream.codec_context.thread_count = 1  # one thread per data worker, as with decord
+        timestamps, keyframes = [], []
+        for packet in container.demux(stream):
+            if packet.pts is not None and packet.size:
+                timestamps.append(packet.pts)
+                if packet.is_keyframe:
+                    keyframes.append(packet.pts)
+        if not timestamps or not keyframes:  # no timestamps to seek by (e.g. raw streams)
+            return _read_pyav_all(container, stream, num_frames, size)
+        timestamps.sort()
+        keyframes.sort()
+        wanted = [timestamps[i] for i in sample_indices(len(timestamps), num_frames)]
+        found: dict[int, np.ndarray] = {}
+        frames, last = None, None  # the running decode, and the pts of its last frame
+        for target in sorted(set(wanted)):
+            keyframe = keyframes[max(bisect.bisect_right(keyframes, target) - 1, 0)]
+            if frames is None or last is None or keyframe > last:
+                container.seek(target, stream=stream, backward=True)  # lands on a keyframe <= target
+                frames = container.decode(stream)
+            picked = None
+            for frame in frames:
+                if frame.pts is None:
+                    raise ValueError("decoded frame without a timestamp")
+                last = frame.pts
+                if frame.pts >= target:  # the first frame at or after it (exact unless corrupt)
+                    picked = frame
+                    break
+            if picked is not None:
+                found[target] = _to_rgb(picked, size)
+            elif found:  # ran off the end (a frame that does not decode): repeat the last one
+                found[target] = found[max(found)]
+            else:
+                raise ValueError("no decodable frame")
+    return np.stack([found[t] for t in wanted])
+
+
+def _read_pyav_all(container, stream, num_frames: int, size: int) -> np.ndarray:
+    """Decode every frame, keep the wanted ones (for streams without timestamps)."""
+    container.seek(0)
+    frames = [_to_rgb(f, size) for f in container.decode(stream)]
     if not frames:
         raise ValueError("no decodable frame")
     return np.stack([frames[i] for i in sample_indices(len(frames), num_frames)])
 
 
-def read_frames(data: bytes, num_frames: int, size: int, backend: str = "auto") -> np.ndarray:
-    """Decode `num_frames` frames, uniformly spaced over the clip, resized to size x size (RGB)."""
-    if backend not in ("auto", "decord", "pyav"):
+def decode_frames(
+    data: bytes, num_frames: int, size: int, backend: str = "auto",
+    max_pixels: int | None = None, max_seconds: float | None = None,
+) -> np.ndarray:  # fmt: skip
+    """`read_frames` in this process, without a time limit."""
+    if backend not in BACKENDS:
         raise ValueError(f"video backend {backend!r}: expected auto, decord or pyav")
+    if max_pixels is not None or max_seconds is not None:
+        check_header(data, max_pixels, max_seconds)
     if backend in ("auto", "decord") and decord is not None:
         try:
             return _read_decord(data, num_frames, size)
@@ -56,3 +147,155 @@ def read_frames(data: bytes, num_frames: int, size: int, backend: str = "auto") 
             if backend == "decord":
                 raise
     return _read_pyav(data, num_frames, size)
+
+
+def read_frames(
+    data: bytes, num_frames: int, size: int, backend: str = "auto", timeout_s: float | None = None,
+    max_pixels: int | None = None, max_seconds: float | None = None,
+) -> np.ndarray:  # fmt: skip
+    """Decode `num_frames` frames, uniformly spaced over the clip, resized to size x size (RGB).
+
+    With `timeout_s`, decoding runs in this process's helper process and raises TimeoutError past
+    the limit (the helper is killed); `max_pixels` / `max_seconds` refuse a video whose header is
+    over them (MediaTooLarge) before any frame is decoded."""
+    if backend not in BACKENDS:
+        raise ValueError(f"video backend {backend!r}: expected auto, decord or pyav")
+    if timeout_s is None:
+        return decode_frames(data, num_frames, size, backend, max_pixels, max_seconds)
+    with _lock:
+        return _call_helper((num_frames, size, backend, max_pixels, max_seconds), data, timeout_s)
+
+
+# ---- the helper process -------------------------------------------------------------------------
+helper_target = decode_frames
+"""What the helper process runs on each request (module global, looked up at each call, so a test
+can replace it before the helper forks, e.g. with a function that hangs)."""
+
+RECYCLE_AFTER = 1000
+"""Videos a helper decodes before it is replaced: bounds decord's memory growth on seeks."""
+
+
+class _Helper:
+    """One forked child decoding videos for the process that forked it (its `owner`)."""
+
+    def __init__(self) -> None:
+        parent_end, child_end = Pipe(duplex=True)
+        owner = os.getpid()
+        # os.fork, not multiprocessing.Process: DataLoader workers are daemonic processes, which
+        # multiprocessing forbids to have children.
+        pid = os.fork()
+        if pid == 0:  # the helper: never returns into the caller's code
+            status = 0
+            try:
+                parent_end.close()
+                _serve(child_end, owner)
+            except BaseException:
+                status = 1
+            finally:
+                os._exit(status)
+        child_end.close()
+        self.pid, self.owner, self.conn, self.calls = pid, owner, parent_end, 0
+
+    def request(self, job: tuple, data: bytes, timeout_s: float) -> np.ndarray:
+        self.calls += 1
+        try:
+            self.conn.send(job)
+            self.conn.send_bytes(data)
+        except BaseException:  # BrokenPipeError: it died between two calls (the caller retries)
+            self.kill()
+            raise
+        try:
+            if not self.conn.poll(timeout_s):
+                raise TimeoutError(f"video decode exceeded {timeout_s:g} s")
+            status, payload = self.conn.recv()
+            if status == "ok":
+                shape, dtype = payload
+                frames = np.empty(shape, dtype)  # received straight into a writable array: one copy
+                self.conn.recv_bytes_into(memoryview(frames).cast("B"))
+                return frames
+        except (EOFError, ConnectionResetError):  # it died mid-request: a crash inside the decoder
+            raise RuntimeError(f"video decoder process died ({self.kill()})") from None
+        except BaseException:  # timeout, or interrupted: the pipe is out of step, the helper goes
+            self.kill()
+            raise
+        raise payload  # the decoder's own exception, raised in the helper (which is fine)
+
+    def kill(self) -> str:
+        """SIGKILL and reap; returns how it ended. Only the owner kills: a forked copy of this
+        object in another process names a helper that is not its child, and just closes its pipe."""
+        ended = "not ours"
+        if self.owner == os.getpid() and self.pid:
+            try:
+                os.kill(self.pid, signal.SIGKILL)  # a process that already died is a zombie until reaped
+                _, status = os.waitpid(self.pid, 0)
+                ended = f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else f"exit {os.waitstatus_to_exitcode(status)}"
+            except (ProcessLookupError, ChildProcessError):
+                ended = "already reaped"
+            self.pid = 0
+        self.conn.close()
+        return ended
+
+
+def _serve(conn: Connection, owner: int) -> None:
+    """The helper's loop: a request (job tuple, then the video bytes) -> ("ok", (shape, dtype)) and
+    the frame bytes, or ("error", exception). Ends when the owner closes the pipe or dies."""
+    try:  # Linux: die with the owner even while hung in C code (no orphaned, spinning decoders)
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
+    if os.getppid() != owner:  # the owner died before prctl took effect
+        return
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the owner's to handle
+    while True:
+        try:
+            job = conn.recv()
+            data = conn.recv_bytes()
+        except (EOFError, OSError):
+            return
+        try:
+            frames = np.ascontiguousarray(helper_target(data, *job))
+        except Exception as error:
+            try:
+                conn.send(("error", error))
+            except Exception:  # an exception that does not pickle: keep its text
+                conn.send(("error", RuntimeError(f"{type(error).__name__}: {error}")))
+            continue
+        conn.send(("ok", (frames.shape, frames.dtype.str)))
+        conn.send_bytes(memoryview(frames).cast("B"))
+
+
+_helper: _Helper | None = None
+_lock = threading.Lock()
+
+
+def _call_helper(job: tuple, data: bytes, timeout_s: float) -> np.ndarray:
+    global _helper
+    for attempt in (0, 1):
+        if _helper is not None and (_helper.owner != os.getpid() or _helper.pid == 0 or _helper.calls >= RECYCLE_AFTER):
+            _helper.kill()  # dead, recycled, or inherited through a fork (then only our pipe copy closes)
+            _helper = None
+        if _helper is None:
+            _helper = _Helper()
+        try:
+            return _helper.request(job, data, timeout_s)
+        except (BrokenPipeError, ConnectionResetError):  # it died between two calls: one retry
+            if attempt:
+                raise
+    raise AssertionError("unreachable")
+
+
+def shutdown_helper() -> None:
+    """Kill this process's helper (if any); the next timed call starts a fresh one."""
+    global _helper
+    with _lock:
+        if _helper is not None:
+            _helper.kill()
+            _helper = None
+
+
+def _after_fork_in_child() -> None:
+    global _lock
+    _lock = threading.Lock()  # a lock held by another thread at fork time would never be released
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
