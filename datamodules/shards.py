@@ -426,7 +426,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--meta", help="the metadata file, when SRC has several JSON files or another name")
     a("--max-count", type=int, default=DEFAULT_MAX_COUNT, help=f"samples per shard at most (default {DEFAULT_MAX_COUNT})")
     a("--max-bytes", type=_bytes, default=DEFAULT_MAX_BYTES, help="bytes per shard at most, e.g. 512M (default 512 MiB)")
-    a("--processes", type=int, default=os.cpu_count() or 1, help="shard-writing processes (default: CPU count)")
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    a("--processes", type=int, default=cpus, help=f"shard-writing processes (default: the usable CPUs, {cpus} here)")
     for name, folder in DEFAULT_DIRS.items():
         a(f"--{name.replace('_', '-')}-dir", dest=f"{name}_dir", default=folder,
           help=f"official layout: folder of the {name} files (default {folder}/)")
