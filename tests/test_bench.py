@@ -30,3 +30,29 @@ def test_tables_put_each_run_in_its_cell():
 def test_weight_plot_is_written(tmp_path):
     robustness.plot_weights(fake_results(), [0, 50], tmp_path / "w.png")
     assert (tmp_path / "w.png").stat().st_size > 1000
+
+
+def test_data_benchmark_quick_run(tmp_path):
+    """`bench/data.py --quick`: tiny media through the pipeline and the libraries direct; the table
+    is printed and results.json holds positive rates, ratios and a cores-per-GPU figure."""
+    import json
+    import math
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "data.py"), "--quick", "--out", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "pipeline/s/core" in run.stdout and "all five" in run.stdout and "cores per GPU" in run.stdout
+    results = json.loads((tmp_path / "results.json").read_text())
+    rows = results["throughput"]["rows"]
+    assert {row["modality"] for row in rows} == {"text", "table", "image", "video", "audio", "all five"}
+    for row in rows:
+        assert row["pipeline"] > 0 and row["direct"] > 0 and 0 < row["ratio"] < 10, row
+    limit = results["throughput"]["sum_of_parts_limit"]
+    direct = [row["direct"] for row in rows if row["modality"] != "all five"]
+    assert limit < min(direct)  # the sum of the parts is slower than any part
+    assert all(m["cpu_s_per_video"] > 0 for m in results["video"]["methods"].values())
+    gpu = results["gpu"]
+    assert gpu["forward_gflops_per_sample"] > 1 and gpu["gpu_samples_per_s"] > 0
+    assert all(math.isfinite(c) and c > 0 for c in gpu["cores_per_gpu"].values())
