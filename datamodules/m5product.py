@@ -1,41 +1,54 @@
 """The LightningDataModule: shards -> decoded samples -> batches with presence masks.
 
-Training streams are *resampled*: each rank and each data worker draws shards with replacement
-from its own random stream, seeded from (seed, rank, worker, epoch), so ranks never read the same
-sequence and every rank yields batches forever (equal batch counts on every rank: DDP cannot hang
-on a rank that ran out). The run length is `trainer.max_steps`. Lightning does not split iterable
-datasets across ranks, so the rank is taken from the trainer and bound into the worker seed here,
-rather than relying on `get_worker_info().seed` (equal across ranks under `seed_everything`).
+`mode` picks how the training stream covers the shards (`datamodules/streams.py` has the details):
 
-The shuffle buffer holds *encoded* samples and decoding happens after it, so the buffer costs bytes,
-not decoded tensors.
+- `resampled` (default): infinite, with replacement, a different stream on every rank and worker;
+  the run length is `trainer.max_steps`.
+- `exact`: epochs in which every sample is seen exactly once across all ranks and workers, the
+  same number of steps on every rank, shards shuffled per epoch; `trainer.max_epochs` or
+  `max_steps` ends the run.
 
-Evaluation streams (`eval_dataloader`) read every shard once, in order, on one process.
+Lightning does not split iterable datasets across ranks, so the rank and world size are read from
+the trainer and handed to the stream here (`get_worker_info().seed` would be equal across ranks
+under `seed_everything`).
+
+The stream's position is part of every checkpoint (`state_dict`: the epoch and the batches this rank
+has trained on in it). A run resumed with `--ckpt_path` continues the epoch where it stopped: in
+exact mode no sample is seen twice and none is skipped; a resampled stream restarts from a fresh
+seed. Exact mode uses non-persistent workers so that each epoch's workers start with that epoch's
+number and resume position.
 """
 
 from __future__ import annotations
 
-import random
-from collections.abc import Callable
+from typing import Any
 
 import lightning as L
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader
 
-from datamodules.collate import collate
 from datamodules.decode import SampleDecoder
+from datamodules.limits import DataLimits
 from datamodules.shards import list_shards
+from datamodules.streams import ExactEpochStream, ResampledStream, shard_sizes
 from scale.config import ModelConfig
 
+MODES = ("resampled", "exact")
 
-def _worker_seed(seed: int, rank: int) -> Callable[[], int]:
-    def seed_fn() -> int:
-        info = torch.utils.data.get_worker_info()
-        worker = info.id if info is not None else 0
-        return (seed * 1_000_003 + rank) * 1_009 + worker
 
-    return seed_fn
+class EpochDataLoader(DataLoader):
+    """A DataLoader that sets its stream's epoch and resume position each time an epoch starts.
+
+    `position()` returns (epoch, batches to skip); the stream is pickled into fresh workers after
+    that, so they see both."""
+
+    def __init__(self, dataset, position, **kwargs):
+        super().__init__(dataset, **kwargs)
+        self.position = position
+
+    def __iter__(self):
+        self.dataset.epoch, self.dataset.skip_batches = self.position()
+        return super().__iter__()
 
 
 class M5ProductDataModule(L.LightningDataModule):
@@ -46,6 +59,8 @@ class M5ProductDataModule(L.LightningDataModule):
         num_workers: int = 4,
         shuffle_buffer: int = 2000,
         seed: int = 0,
+        mode: str = "resampled",
+        limits: DataLimits | None = None,
         model_config: ModelConfig | None = None,
     ):
         """
@@ -54,39 +69,75 @@ class M5ProductDataModule(L.LightningDataModule):
             batch_size: samples per batch per rank.
             num_workers: data-loading processes per rank.
             shuffle_buffer: encoded samples held for shuffling (per worker).
-            seed: base seed of the shard and sample streams (combined with rank and worker).
+            seed: base seed of the shard and sample orders (combined with epoch, rank and worker).
+            mode: `resampled` (infinite, with replacement) or `exact` (every sample once per epoch).
+            limits: size, time and error-rate limits on bad data (`datamodules/limits.py`).
             model_config: input specification (sizes, token budgets); linked from the model by the CLI.
         """
         super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"data.mode {mode!r}: expected one of {', '.join(MODES)}")
         self.train_shards = train_shards
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
+        self.mode = mode
+        self.limits = limits or DataLimits()
         self.model_config = model_config or ModelConfig()
+        self._resume: dict[str, int] | None = None
+        self._epochs_started = 0
 
     def setup(self, stage: str | None = None) -> None:
         # Fail here, with the path in the message, rather than as a hang inside a worker.
         self.train_urls = list_shards(self.train_shards)
+        self.train_sizes = shard_sizes(self.train_urls) if self.mode == "exact" else None
 
-    def _rank(self) -> int:
-        trainer = getattr(self, "trainer", None)
-        return trainer.global_rank if trainer is not None else 0
+    def _distributed(self) -> tuple[int, int]:
+        trainer = self._trainer_or_none()
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
+    def _trainer_or_none(self):
+        return getattr(self, "trainer", None)
+
+    # ---- the stream position in checkpoints ---------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        trainer = self._trainer_or_none()
+        if trainer is None:
+            return {}
+        # Saved from on_train_batch_end (ModelCheckpoint): `processed` counts the batch just trained.
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"mode": self.mode, "epoch": trainer.current_epoch, "batches": progress.processed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._resume = state or None
+
+    def _position(self) -> tuple[int, int]:
+        """(epoch, batches of it to skip) for the epoch that is starting."""
+        trainer = self._trainer_or_none()
+        epoch = trainer.current_epoch if trainer is not None else self._epochs_started
+        self._epochs_started += 1
+        resume, self._resume = self._resume, None  # applies to the first epoch after a restore only
+        if resume and resume.get("epoch") == epoch:
+            return epoch, int(resume["batches"])
+        return epoch, 0
+
+    # ---- loaders -----------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
-        decoder = SampleDecoder(self.model_config)
-        pipeline = wds.DataPipeline(
-            wds.ResampledShards(self.train_urls, seed=self.seed, worker_seed=_worker_seed(self.seed, self._rank())),
-            wds.tarfile_to_samples(handler=wds.warn_and_continue),
-            wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), rng=random.Random(self.seed + self._rank())),
-            wds.map(decoder, handler=wds.warn_and_continue),
-            wds.batched(self.batch_size, collation_fn=collate, partial=False),
-        )
-        return DataLoader(
-            pipeline,
+        rank, world = self._distributed()
+        decoder = SampleDecoder(self.model_config, self.limits)
+        common = dict(decoder=decoder, batch_size=self.batch_size, shuffle_buffer=self.shuffle_buffer,
+                      seed=self.seed, rank=rank, world=world)  # fmt: skip
+        if self.mode == "exact":
+            stream = ExactEpochStream(self.train_urls, self.train_sizes, **common)
+        else:
+            stream = ResampledStream(self.train_urls, **common)
+        return EpochDataLoader(
+            stream,
+            self._position,
             batch_size=None,
             num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            persistent_workers=self.num_workers > 0 and self.mode == "resampled",
             pin_memory=torch.cuda.is_available(),
             prefetch_factor=4 if self.num_workers > 0 else None,
         )
@@ -95,13 +146,7 @@ class M5ProductDataModule(L.LightningDataModule):
 def eval_dataloader(
     shards: str, model_config: ModelConfig, batch_size: int = 64, num_workers: int = 0
 ) -> DataLoader:
-    """Every sample of `shards` exactly once, in shard order (one process, no resampling)."""
+    """Every sample of `shards` exactly once, shards in order, no shuffling (one process)."""
     urls = list_shards(shards)
-    pipeline = wds.DataPipeline(
-        wds.SimpleShardList(urls),
-        wds.split_by_worker,
-        wds.tarfile_to_samples(handler=wds.warn_and_continue),
-        wds.map(SampleDecoder(model_config), handler=wds.warn_and_continue),
-        wds.batched(batch_size, collation_fn=collate, partial=True),
-    )
-    return DataLoader(pipeline, batch_size=None, num_workers=min(num_workers, len(urls)))
+    stream = ExactEpochStream(urls, shard_sizes(urls), SampleDecoder(model_config), batch_size, shuffle_shards=False)
+    return DataLoader(stream, batch_size=None, num_workers=num_workers)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict
 from typing import Any
 
@@ -43,5 +45,10 @@ class SCALEModule(L.LightningModule):
     def configure_optimizers(self):
         from scale.optim import build_optimizer
 
-        optimizer, scheduler = build_optimizer(self.model, self.optimizer_config, self.trainer.max_steps)
+        # A resampled stream is infinite: the schedule's length is max_steps. Exact epochs have a
+        # length, so max_epochs alone also works (Lightning multiplies it out).
+        steps = self.trainer.max_steps
+        if steps <= 0 and math.isfinite(self.trainer.estimated_stepping_batches):
+            steps = int(self.trainer.estimated_stepping_batches)
+        optimizer, scheduler = build_optimizer(self.model, self.optimizer_config, steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

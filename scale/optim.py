@@ -48,7 +48,8 @@ def parameter_groups(model: nn.Module, config: OptimizerConfig) -> list[dict]:
 
 def build_optimizer(model: nn.Module, config: OptimizerConfig, max_steps: int) -> tuple[Optimizer, LambdaLR]:
     if max_steps <= 0:
-        raise ValueError("trainer.max_steps must be set (> 0): the data stream is infinite and the schedule needs a length")
+        raise ValueError("trainer.max_steps must be set (> 0), or trainer.max_epochs with data.mode=exact: "
+                         "the schedule needs a length and a resampled stream is infinite")
     optimizer = AdamW(parameter_groups(model, config), betas=config.betas)
     warmup = int(config.warmup_ratio * max_steps)
     make = get_linear_schedule_with_warmup if config.schedule == "linear" else get_cosine_schedule_with_warmup

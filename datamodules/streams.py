@@ -1,0 +1,309 @@
+"""Shard sets -> batch streams for each (rank, data worker), in two modes.
+
+**exact** (`ExactEpochStream`): every sample exactly once per epoch across all ranks and workers.
+The epoch's order is the shard list shuffled with (seed, epoch); its samples, concatenated, form one
+sequence that is cut into contiguous ranges: one per rank, then one per worker. Cutting at sample
+level rather than shard level means any number of shards feeds any number of ranks x workers
+(fewer shards than workers just means several workers read parts of one shard), and ranks differ by
+at most one sample. Every rank runs the same number of steps, `ceil(ceil(N / world) / batch)`: full
+batches first, the remainder spread over the last steps, so local batches may differ across ranks
+at the end of an epoch (the losses gather unequal batches exactly: `scale/losses.py`). DDP never
+hangs on a rank that ran out.
+
+**resampled** (`ResampledStream`): infinite; each worker draws shards with replacement from its own
+generator seeded by (seed, rank, worker, epoch, restart), so no two ranks or workers read the same
+stream. The run length is `trainer.max_steps`.
+
+In both, the shuffle buffer holds *encoded* samples (bytes) and decoding happens after it.
+
+**Mid-epoch resume** (exact mode): a stream told to skip the first `skip_batches` batches of the
+epoch replays the same reads and shuffle without decoding and starts where the stopped run stopped.
+Which batches each worker had delivered follows from the DataLoader's round-robin order over
+workers (`consumed_per_worker`). A resampled stream resumes with a fresh seed instead: replaying an
+infinite stream would mean re-reading everything read so far.
+
+Bad shards do not stop a stream: a truncated or unreadable tar ends that shard's part (counted as
+`tar` errors in the decoder's error counts, which enforce `max_error_rate`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import re
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import IterableDataset, get_worker_info
+
+from datamodules.collate import collate
+from datamodules.decode import SampleDecoder
+from datamodules.shards import SIZES_FILE
+
+_MEMBER = re.compile(r"^((?:.*/|)[^./]+)\.([^/]+)$")  # "<key>.<field>", webdataset's split at the first dot
+
+
+# ---- the shard index ----------------------------------------------------------------------------
+def shard_sizes(urls: list[str]) -> list[int]:
+    """Sample count of each shard, from the `sizes.json` next to it (written by `scale shards`).
+
+    Exact epochs are planned from counts before any shard is read; a shard missing from its
+    folder's index is counted by reading its tar headers (local files only)."""
+    indexes: dict[Path, dict[str, int]] = {}
+    sizes = []
+    for url in urls:
+        path = Path(url)
+        if path.parent not in indexes:
+            index = path.parent / SIZES_FILE
+            indexes[path.parent] = json.loads(index.read_text()) if index.is_file() else {}
+        count = indexes[path.parent].get(path.name)
+        if count is None:
+            if not path.is_file():
+                raise ValueError(f"{url}: no sample count (not in {SIZES_FILE}, not a local file to count)")
+            count = sum(1 for _ in read_samples(url))
+        sizes.append(int(count))
+    return sizes
+
+
+# ---- reading one shard --------------------------------------------------------------------------
+def read_samples(url: str, start: int = 0, stop: int | None = None, on_error=None) -> Iterator[dict[str, Any]]:
+    """Samples `start` .. `stop`-1 of a tar shard as `{"__key__", "__url__", field: bytes}`.
+
+    Written on tarfile rather than webdataset's streaming iterator so that a local shard can be
+    entered at a sample offset by seeking over the members before it (a worker that owns the
+    second half of a 1-GB shard reads only that half). Other URLs (`pipe:`, `http://`) are streamed
+    with webdataset's `gopen` and the skipped samples read through. A read error (truncated or
+    corrupt tar) ends the shard: `on_error("tar", url, error)` is called, nothing is raised.
+    """
+    local = Path(url).is_file()
+    index, key, sample, yielded = -1, None, {}, 0
+    try:
+        if local:
+            tar = tarfile.open(url, mode="r:")
+        else:
+            import webdataset as wds
+
+            tar = tarfile.open(fileobj=wds.gopen(url), mode="r|")
+        with tar:
+            for member in tar:
+                match = _MEMBER.match(member.name)
+                if not member.isfile() or match is None:
+                    continue
+                member_key, field = match.groups()
+                if member_key != key:
+                    if sample:
+                        yield sample
+                        yielded += 1
+                    index, key, sample = index + 1, member_key, {}
+                    if stop is not None and index >= stop:
+                        return
+                if index >= start:
+                    if not sample:
+                        sample = {"__key__": key, "__url__": url}
+                    sample[field] = tar.extractfile(member).read()
+            if sample:
+                yield sample
+                yielded += 1
+            # tarfile ends iteration silently at a truncated header: a complete archive ends with
+            # two zero blocks, and the index says how many samples to expect.
+            if local and tar.offset + 2 * tarfile.BLOCKSIZE > Path(url).stat().st_size:
+                raise tarfile.ReadError("truncated: the archive has no end-of-archive blocks")
+            if stop is not None and yielded < stop - start:
+                raise tarfile.ReadError(f"ended after {start + yielded} samples, expected {stop}")
+    except (tarfile.TarError, OSError, EOFError) as error:
+        if on_error is None:
+            raise
+        on_error("tar", url, error)
+
+
+def shuffled(samples: Iterator[dict], buffer_size: int, rng: random.Random) -> Iterator[dict]:
+    """A buffer of `buffer_size` encoded samples, emitted in random order as new ones arrive.
+
+    Hand-written (11 lines) because it must be exactly reproducible from `rng` for resume, and
+    webdataset's equivalent is a private function."""
+    if buffer_size <= 1:
+        yield from samples
+        return
+    buffer: list[dict] = []
+    for sample in samples:
+        if len(buffer) < buffer_size:
+            buffer.append(sample)
+            continue
+        index = rng.randrange(buffer_size)
+        yield buffer[index]
+        buffer[index] = sample
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+# ---- planning an exact epoch --------------------------------------------------------------------
+@dataclass(frozen=True)
+class Segment:
+    """Samples `start` .. `stop`-1 of one shard."""
+
+    url: str
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    segments: tuple[Segment, ...]
+    batch_sizes: tuple[int, ...]
+
+
+def epoch_order(urls: list[str], sizes: list[int], seed: int, epoch: int, shuffle: bool = True) -> list[tuple[str, int]]:
+    """The shards of one epoch, in a deterministic order drawn from (seed, epoch)."""
+    order = list(zip(urls, sizes))
+    if shuffle:
+        random.Random(f"shards:{seed}:{epoch}").shuffle(order)
+    return order
+
+
+def rank_batch_sizes(samples: int, steps: int, batch_size: int) -> list[int]:
+    """`samples` split into `steps` batches of 1..batch_size: full batches first, the rest spread."""
+    if not steps <= samples <= steps * batch_size:
+        raise ValueError(f"cannot split {samples} samples into {steps} batches of 1..{batch_size}")
+    full = steps if batch_size == 1 else min(steps, (samples - steps) // (batch_size - 1))
+    rest, tail = samples - full * batch_size, steps - full
+    return [batch_size] * full + [rest // tail + (i < rest % tail) for i in range(tail)]
+
+
+def _cut(order: list[tuple[str, int]], begin: int, end: int) -> tuple[Segment, ...]:
+    """The segments covering positions begin .. end-1 of the concatenated shards."""
+    segments, offset = [], 0
+    for url, size in order:
+        lo, hi = max(begin, offset), min(end, offset + size)
+        if lo < hi:
+            segments.append(Segment(url, lo - offset, hi - offset))
+        offset += size
+    return tuple(segments)
+
+
+def plan_epoch(
+    order: list[tuple[str, int]], rank: int, world: int, workers: int, batch_size: int
+) -> tuple[int, list[WorkerPlan]]:
+    """(steps per rank, one plan per worker of `rank`) for an epoch over `order`."""
+    total = sum(size for _, size in order)
+    if total < world:
+        raise ValueError(f"exact epochs: {total} samples cannot feed {world} ranks (need at least one each)")
+    steps = -(-(-(-total // world)) // batch_size)  # ceil(ceil(N / world) / batch)
+    begin, end = rank * total // world, (rank + 1) * total // world
+    sizes = rank_batch_sizes(end - begin, steps, batch_size)
+    plans = []
+    for worker in range(workers):
+        first, last = worker * steps // workers, (worker + 1) * steps // workers
+        lo = begin + sum(sizes[:first])
+        hi = lo + sum(sizes[first:last])
+        plans.append(WorkerPlan(_cut(order, lo, hi), tuple(sizes[first:last])))
+    return steps, plans
+
+
+def consumed_per_worker(batches_per_worker: list[int], consumed: int) -> list[int]:
+    """How many of each worker's batches are among the first `consumed` a DataLoader yielded.
+
+    torch's DataLoader takes batches from its workers in turn and skips a worker once it is
+    exhausted; this replays that order."""
+    taken = [0] * len(batches_per_worker)
+    active = itertools.cycle(range(len(batches_per_worker)))
+    while consumed > 0 and any(t < n for t, n in zip(taken, batches_per_worker)):
+        worker = next(active)
+        if taken[worker] < batches_per_worker[worker]:
+            taken[worker] += 1
+            consumed -= 1
+    return taken
+
+
+# ---- the streams ----------------------------------------------------------------------------
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+class _Stream(IterableDataset):
+    """What both modes share: the shard list, the rank, the decoder, and decoding after the shuffle."""
+
+    def __init__(self, urls: list[str], decoder: SampleDecoder, batch_size: int, shuffle_buffer: int,
+                 seed: int, rank: int = 0, world: int = 1):  # fmt: skip
+        self.urls, self.decoder, self.batch_size = list(urls), decoder, batch_size
+        self.shuffle_buffer, self.seed, self.rank, self.world = shuffle_buffer, seed, rank, world
+        self.epoch = 0
+        self.skip_batches = 0
+        """Batches of this epoch this rank already trained on (set on resume; see the module doc)."""
+
+    def _rng(self, kind: str, worker: int) -> random.Random:
+        return random.Random(f"{kind}:{self.seed}:{self.epoch}:{self.rank}:{worker}:{self.skip_batches}")
+
+
+class ExactEpochStream(_Stream):
+    """One epoch: this rank's share of every sample, exactly once, in `steps` batches (module doc)."""
+
+    def __init__(self, urls: list[str], sizes: list[int], decoder: SampleDecoder, batch_size: int,
+                 shuffle_buffer: int = 0, seed: int = 0, rank: int = 0, world: int = 1,
+                 shuffle_shards: bool = True):  # fmt: skip
+        super().__init__(urls, decoder, batch_size, shuffle_buffer, seed, rank, world)
+        self.sizes, self.shuffle_shards = list(sizes), shuffle_shards
+
+    def plans(self, workers: int) -> tuple[int, list[WorkerPlan]]:
+        order = epoch_order(self.urls, self.sizes, self.seed, self.epoch, self.shuffle_shards)
+        return plan_epoch(order, self.rank, self.world, workers, self.batch_size)
+
+    def __len__(self) -> int:
+        """Steps per epoch on this rank (the same on every rank, for any number of workers): lets
+        Lightning size the epoch and the schedule."""
+        return self.plans(1)[0]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker, workers = _worker()
+        _, plans = self.plans(workers)
+        plan = plans[worker]
+        skip = consumed_per_worker([len(p.batch_sizes) for p in plans], self.skip_batches)[worker]
+        # The shuffle seed leaves out skip_batches: a resumed worker must replay the same order.
+        rng = random.Random(f"samples:{self.seed}:{self.epoch}:{self.rank}:{worker}")
+        raw = itertools.chain.from_iterable(
+            read_samples(s.url, s.start, s.stop, self.decoder.count_error) for s in plan.segments
+        )
+        raw = shuffled(raw, self.shuffle_buffer, rng)
+        for _ in range(sum(plan.batch_sizes[:skip])):  # replay without decoding
+            next(raw, None)
+        last_good = None
+        for size in plan.batch_sizes[skip:]:
+            batch = [d for d in (self.decoder(s) for s in itertools.islice(raw, size)) if d is not None]
+            if batch:
+                last_good = batch[-1]
+            elif last_good is not None:
+                # Every sample of this batch was unusable (or its shard was cut short): the rank
+                # must still take its step, so it repeats the last good sample (counted).
+                self.decoder.count_error("empty_batch", f"epoch {self.epoch} rank {self.rank}", "no usable sample")
+                batch = [last_good]
+            else:
+                raise RuntimeError(
+                    f"exact epoch {self.epoch}, rank {self.rank}, worker {worker}: no usable sample in "
+                    f"{[s.url for s in plan.segments]} (decode errors: {dict(self.decoder.errors)})"
+                )
+            yield collate(batch)
+
+
+class ResampledStream(_Stream):
+    """Batches forever, from shards drawn with replacement (module doc)."""
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker, _ = _worker()
+        shard_rng, sample_rng = self._rng("shards", worker), self._rng("samples", worker)
+
+        def raw() -> Iterator[dict]:
+            while True:
+                yield from read_samples(shard_rng.choice(self.urls), on_error=self.decoder.count_error)
+
+        batch: list[dict] = []
+        for sample in shuffled(raw(), self.shuffle_buffer, sample_rng):
+            decoded = self.decoder(sample)
+            if decoded is not None:
+                batch.append(decoded)
+            if len(batch) == self.batch_size:
+                yield collate(batch)
+                batch = []
