@@ -228,6 +228,12 @@ class SampleDecoder:
             return (self.FEATURE_FIELD[modality],)
         return self.MEDIA_FIELDS.get(modality, ())
 
+    def shard_fields(self) -> set[str]:
+        """Every shard field this decoder may read: the stream does not read the others' bytes
+        (a text-only model need not read 2 MB of video per sample)."""
+        wanted = {"json"}.union(*(self.fields(m) for m in self.modalities))
+        return wanted | {"boxes.npy"} if "regions.npy" in wanted else wanted
+
     def field(self, modality: str, sample: dict[str, Any] | None = None) -> str | None:
         """The shard field a modality is read from (None: the JSON). With `sample`: the first of
         `fields(modality)` the sample has (None if it has none: the modality is missing)."""

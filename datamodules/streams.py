@@ -70,8 +70,11 @@ def shard_sizes(urls: list[str]) -> list[int]:
 
 
 # ---- reading one shard --------------------------------------------------------------------------
-def read_samples(url: str, start: int = 0, stop: int | None = None, on_error=None) -> Iterator[dict[str, Any]]:
-    """Samples `start` .. `stop`-1 of a tar shard as `{"__key__", "__url__", field: bytes}`.
+def read_samples(
+    url: str, start: int = 0, stop: int | None = None, on_error=None, fields: set[str] | None = None
+) -> Iterator[dict[str, Any]]:
+    """Samples `start` .. `stop`-1 of a tar shard as `{"__key__", "__url__", field: bytes}`, with
+    only the members in `fields` read (None: all).
 
     Written on tarfile rather than webdataset's streaming iterator so that a local shard can be
     entered at a sample offset by seeking over the members before it (a worker that owns the
@@ -98,12 +101,11 @@ def read_samples(url: str, start: int = 0, stop: int | None = None, on_error=Non
                     if sample:
                         yield sample
                         yielded += 1
-                    index, key, sample = index + 1, member_key, {}
+                    index, key = index + 1, member_key
                     if stop is not None and index >= stop:
                         return
-                if index >= start:
-                    if not sample:
-                        sample = {"__key__": key, "__url__": url}
+                    sample = {"__key__": key, "__url__": url} if index >= start else {}
+                if sample and (fields is None or field in fields):
                     sample[field] = tar.extractfile(member).read()
             if sample:
                 yield sample
@@ -231,6 +233,7 @@ class _Stream(IterableDataset):
                  seed: int, rank: int = 0, world: int = 1):  # fmt: skip
         self.urls, self.decoder, self.batch_size = list(urls), decoder, batch_size
         self.shuffle_buffer, self.seed, self.rank, self.world = shuffle_buffer, seed, rank, world
+        self.fields = decoder.shard_fields()
         self.epoch = 0
         self.skip_batches = 0
         """Batches of this epoch this rank already trained on (set on resume; see the module doc)."""
@@ -265,7 +268,7 @@ class ExactEpochStream(_Stream):
         # The shuffle seed leaves out skip_batches: a resumed worker must replay the same order.
         rng = random.Random(f"samples:{self.seed}:{self.epoch}:{self.rank}:{worker}")
         raw = itertools.chain.from_iterable(
-            read_samples(s.url, s.start, s.stop, self.decoder.count_error) for s in plan.segments
+            read_samples(s.url, s.start, s.stop, self.decoder.count_error, self.fields) for s in plan.segments
         )
         raw = shuffled(raw, self.shuffle_buffer, rng)
         for _ in range(sum(plan.batch_sizes[:skip])):  # replay without decoding
@@ -297,7 +300,7 @@ class ResampledStream(_Stream):
 
         def raw() -> Iterator[dict]:
             while True:
-                yield from read_samples(shard_rng.choice(self.urls), on_error=self.decoder.count_error)
+                yield from read_samples(shard_rng.choice(self.urls), on_error=self.decoder.count_error, fields=self.fields)
 
         batch: list[dict] = []
         for sample in shuffled(raw(), self.shuffle_buffer, sample_rng):

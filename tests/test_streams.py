@@ -238,3 +238,12 @@ def test_read_samples_seeks_to_an_offset(tmp_path):
     (url,) = write_title_shards(tmp_path / "shards", [9])
     assert [s["__key__"] for s in read_samples(url, 4, 7)] == ["p00004", "p00005", "p00006"]
     assert json.loads(next(read_samples(url, 8))["json"])["title"] == "product number 8"
+
+
+def test_read_samples_reads_only_the_wanted_fields(tmp_path, demo_shards):
+    url = sorted(str(p) for p in Path(demo_shards["train"]).glob("*.tar"))[0]
+    whole = list(read_samples(url))
+    text_only = list(read_samples(url, fields=text_decoder().shard_fields()))
+    assert [s["__key__"] for s in text_only] == [s["__key__"] for s in whole]  # every sample, even media-only
+    assert all(set(s) <= {"__key__", "__url__", "json"} for s in text_only)
+    assert any("mp4" in s for s in whole)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -47,17 +49,28 @@ def test_export_then_load_gives_the_trained_modules_embeddings(demo_shards, tmp_
 
 
 @pytest.mark.slow
-def test_two_process_cpu_ddp_fit(demo_shards, tmp_path):
+def test_two_process_cpu_ddp_fit_in_exact_epochs(demo_shards, tmp_path):
+    """Real DDP through Lightning: in exact mode the two ranks together train on every product once
+    in epoch 0, with unequal local batches at the tail (20 per rank in steps of 6, 6, 6, 2), and
+    go on into epoch 1."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    log = tmp_path / "keys-{rank}.jsonl"
     result = subprocess.run(
         [sys.executable, "-m", "scale.cli", "fit", "--config", str(TINY_YAML),
          "--data.train_shards", str(demo_shards["train"]), "--trainer.default_root_dir", str(tmp_path),
-         "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_steps", "4"],
+         "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_steps", "6",
+         "--data.mode", "exact", "--data.batch_size", "6", "--data.num_workers", "1",
+         "--trainer.callbacks+=callbacks.sample_log.SampleKeyLog", f"--trainer.callbacks.path={log}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert state["global_step"] == 4
+    assert state["global_step"] == 6
+    records = [json.loads(line) for rank in (0, 1) for line in Path(str(log).format(rank=rank)).read_text().splitlines()]
+    epoch0 = [k for r in records if r["epoch"] == 0 for k in r["keys"]]
+    assert Counter(epoch0) == Counter(json.loads(line)["id"] for line in (demo_shards["raw_train"] / "meta.jsonl").open())
+    assert sorted(len(r["keys"]) for r in records if r["epoch"] == 0) == [2, 2, 6, 6, 6, 6, 6, 6]
+    assert {r["epoch"] for r in records} == {0, 1}
 
 
 @pytest.mark.slow
