@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from datamodules.sources import FIELDS, TEXT_FIELDS  # the one field table (shared with the converter)
+from datamodules.sources import FIELDS, TEXT_FIELDS, format_table  # the one field table (shared with the converter)
 from scale.config import MODALITIES
 
 KINDS = ("missing", "swap", "noise")
@@ -38,7 +38,7 @@ def has_modality(product: dict, modality: str) -> bool:
 def _noise_text(rng: random.Random, table: bool) -> str:
     words = [rng.choice(NOISE_WORDS) for _ in range(rng.randint(4, 9))]
     if table:
-        return "#;#".join(f"{a}#:#{b}" for a, b in zip(words[::2], words[1::2]))
+        return format_table(zip(words[::2], words[1::2]))
     return " ".join(words)
 
 

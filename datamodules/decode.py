@@ -45,6 +45,7 @@ from timm.data import create_transform
 from datamodules.decoders.features import NPY_MAGIC, decode_mel, decode_regions, decode_video_features, load_npy
 from datamodules.decoders.media import IMAGE_FORMATS, check_size, decode_audio, decode_image, decode_video
 from datamodules.limits import DataErrorRateExceeded, DataLimits
+from datamodules.sources import parse_table
 from datamodules.video_reader import MediaTooLarge
 from scale.config import ImageConfig, ModelConfig, TableConfig
 from scale.pretrained_paths import load_tokenizer
@@ -55,20 +56,6 @@ __all__ = [  # the byte decoders live in datamodules/decoders/; importable from 
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
-
-TABLE_PAIR_SEPARATOR = "#;#"
-TABLE_KEY_VALUE_SEPARATOR = "#:#"
-
-
-def parse_table(table: str) -> list[tuple[str, str]]:
-    """M5Product's `key#:#value#;#key#:#value` -> [(key, value)]; malformed pairs are skipped."""
-    pairs = []
-    for item in table.split(TABLE_PAIR_SEPARATOR):
-        key, sep, value = item.partition(TABLE_KEY_VALUE_SEPARATOR)
-        if sep and key.strip() and value.strip():
-            pairs.append((key.strip(), value.strip()))
-    return pairs
-
 
 def category_label(value: Any) -> int:
     """The integer category of a record; -1 (unknown) for a missing or non-integer label. Not an

@@ -68,6 +68,7 @@ from typing import Any
 import numpy as np
 
 from datamodules import demo_features
+from datamodules.sources import format_table
 
 MODALITIES: tuple[str, ...] = ("text", "table", "image", "video", "audio")
 CONFUSION = 0.25
@@ -200,7 +201,7 @@ def _product(i: int, seed: int, inst: dict, world: list[dict], missing: dict[str
     own_props = shown["table"] == own  # a confused table shows the other category's values
     pairs = [(str(k), inst["props"][k] if own_props else str(rng.choice(tc["props"][k])))
              for k in keys] + [("brand", inst["brand"]), ("model", inst["model"])]
-    table = "#;#".join(f"{k}#:#{v}" for k, v in (pairs[j] for j in rng.permutation(len(pairs))))
+    table = format_table(pairs[j] for j in rng.permutation(len(pairs)))
     if not any(present.values()):  # drawn last, so the missing rates never change the content
         present[MODALITIES[int(rng.integers(len(MODALITIES)))]] = True
     return {"id": f"s{seed}-p{i:06d}", "title": title, "table": table, "category": own,

@@ -43,6 +43,24 @@ from typing import Any, Iterator, NamedTuple
 
 from scale.config import MODALITIES
 
+TABLE_PAIR_SEPARATOR = "#;#"
+TABLE_KEY_VALUE_SEPARATOR = "#:#"
+
+
+def parse_table(table: str) -> list[tuple[str, str]]:
+    """M5Product's `key#:#value#;#key#:#value` -> [(key, value)]; malformed pairs are skipped."""
+    pairs = []
+    for item in table.split(TABLE_PAIR_SEPARATOR):
+        key, sep, value = item.partition(TABLE_KEY_VALUE_SEPARATOR)
+        if sep and key.strip() and value.strip():
+            pairs.append((key.strip(), value.strip()))
+    return pairs
+
+
+def format_table(pairs) -> str:
+    """[(key, value)] -> M5Product's table string."""
+    return TABLE_PAIR_SEPARATOR.join(f"{key}{TABLE_KEY_VALUE_SEPARATOR}{value}" for key, value in pairs)
+
 
 class FieldSpec(NamedTuple):
     modality: str

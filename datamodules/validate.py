@@ -34,11 +34,10 @@ from typing import Any
 import numpy as np
 
 from datamodules.limits import DataLimits
-from datamodules.sources import AUDIO_FROM_VIDEO, FIELD_TABLE, FILE_FIELDS
+from datamodules.sources import AUDIO_FROM_VIDEO, FIELD_TABLE, FILE_FIELDS, TABLE_PAIR_SEPARATOR, parse_table
 
 AUDIO_RATE = 16000
 """Audio taken from a video's sound track is resampled to this rate, mono (M5Product's audio rate)."""
-TABLE_PAIR, TABLE_KEY_VALUE = "#;#", "#:#"
 
 
 class Unusable(Exception):
@@ -197,14 +196,8 @@ def audio_from_video(data: bytes, max_seconds: float) -> bytes | None:
 
 def table_pairs(table: str) -> tuple[int, int]:
     """(valid, malformed) `key#:#value` pairs of an M5Product table string."""
-    valid = malformed = 0
-    for item in table.split(TABLE_PAIR):
-        key, sep, value = item.partition(TABLE_KEY_VALUE)
-        if sep and key.strip() and value.strip():
-            valid += 1
-        elif item.strip():
-            malformed += 1
-    return valid, malformed
+    valid = len(parse_table(table))
+    return valid, sum(1 for item in table.split(TABLE_PAIR_SEPARATOR) if item.strip()) - valid
 
 
 def check_text(meta: dict[str, Any], limits: DataLimits, note) -> set[str]:
@@ -221,8 +214,8 @@ def check_text(meta: dict[str, Any], limits: DataLimits, note) -> set[str]:
             continue
         if len(value) > cap:
             cut = value[:cap]
-            if name == "table" and TABLE_PAIR in cut:
-                cut = cut[: cut.rindex(TABLE_PAIR)]  # never half a pair
+            if name == "table" and TABLE_PAIR_SEPARATOR in cut:
+                cut = cut[: cut.rindex(TABLE_PAIR_SEPARATOR)]  # never half a pair
             note(modality, name, "cut", f"{len(value)} characters cut to {len(cut)} (max_{name}_chars={cap})", "cut")
             meta[name] = value = cut
         if name == "table":
