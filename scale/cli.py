@@ -2,7 +2,7 @@
 
     scale fit --config configs/smoke.yaml [--trainer.max_steps 100 ...]   LightningCLI (also validate, --print_config)
     scale demo-data --out DIR --products N --seed S                      demo products as real media files
-    scale shards --src RAW --out DIR                                     raw products -> tar shards
+    scale shards --src RAW --out DIR [--processes N]                     a release -> tar shards (restartable)
     scale corrupt --src RAW --out DIR --modalities text --kind swap --rate 0.5   robustness settings
     scale export --ckpt CKPT --out DIR                                   checkpoint -> safetensors + config
     scale evaluate --model DIR --data SHARDS [--compare-random]          retrieval / probe / clustering
@@ -15,9 +15,11 @@ import importlib
 import os
 import sys
 
+from datamodules.limits import DataErrorRateExceeded
+
 TOOLS = {
     "demo-data": ("datamodules.demo", "write demo products (JPEG, MP4, WAV, meta.jsonl)"),
-    "shards": ("datamodules.shards", "convert a raw product folder into webdataset shards"),
+    "shards": ("datamodules.shards", "convert an M5Product release (meta.jsonl or the official JSON + folders) into tar shards"),
     "corrupt": ("datamodules.corrupt", "blank, swap or noise a known share of a modality (robustness protocol)"),
     "export": ("scale.export", "export a checkpoint for downstream use"),
     "evaluate": ("scale.evaluate", "evaluate an exported model on shards"),
@@ -86,6 +88,12 @@ def main(argv: list[str] | None = None) -> None:
                 raise
             # Bad input (a missing shard folder, an invalid setting): one line, not a traceback.
             sys.exit(f"scale {args[0] if args else 'fit'}: error: {error} (SCALE_DEBUG=1 for the traceback)")
+        except DataErrorRateExceeded as error:
+            if os.environ.get("SCALE_DEBUG"):
+                raise
+            # Raised in a data worker, it arrives wrapped in the worker's traceback: keep its own line.
+            reason = str(error).strip().splitlines()[-1].split("DataErrorRateExceeded: ", 1)[-1]
+            sys.exit(f"scale {args[0] if args else 'fit'}: stopped: {reason}")
 
 
 if __name__ == "__main__":

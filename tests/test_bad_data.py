@@ -30,7 +30,7 @@ from datamodules.collate import collate
 from datamodules.decode import SampleDecoder, decode_image
 from datamodules.limits import DataErrorRateExceeded, DataLimits
 from datamodules.video_reader import MediaTooLarge, read_frames
-from conftest import tiny_config  # tests/ is on sys.path under pytest (rootdir-less tests folder)
+from tests.conftest import ROOT, TINY_YAML, tiny_config
 
 # ---- real media, made here (small and fast) ----------------------------------------------------
 
@@ -503,3 +503,28 @@ def test_dataloader_worker_error_rate_stop_reaches_the_training_loop(tmp_path, c
     with pytest.raises(DataErrorRateExceeded, match=r"image=3.*data.limits.max_error_rate"):
         for _ in loader:
             pass
+
+
+@pytest.mark.slow
+def test_fit_stops_with_one_clear_line_past_the_error_rate(tmp_path):
+    """Mostly broken shards stop `scale fit` (not a hang, not a traceback) with the counts per kind."""
+    import subprocess
+    import sys
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    with tarfile.open(shards / "shard-000000.tar", "w") as tar:
+        for index in range(40):
+            data = record(title=f"product {index}") if index % 2 else b"{not json"
+            info = tarfile.TarInfo(f"p{index:03d}.json")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    result = subprocess.run(
+        [sys.executable, "-m", "scale.cli", "fit", "--config", str(TINY_YAML), "--data.train_shards", str(shards),
+         "--trainer.default_root_dir", str(tmp_path / "run"), "--data.num_workers", "1",
+         "--data.limits.max_error_rate", "0.2", "--data.limits.error_rate_min_samples", "10"],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode != 0
+    assert last.startswith("scale fit: stopped: ") and "json=" in last and "max_error_rate" in last, last
