@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from datamodules.limits import DataLimits
+from datamodules.video_reader import read_frames
 from datamodules.sources import AUDIO_FROM_VIDEO, FIELD_TABLE, FILE_FIELDS, TABLE_PAIR_SEPARATOR, parse_table
 
 AUDIO_RATE = 16000
@@ -92,12 +93,14 @@ def check_video(data: bytes, limits: DataLimits) -> None:
             seconds = _seconds(container, stream)
             if seconds is not None and seconds > limits.max_video_seconds:
                 raise Unusable("too_long", f"{seconds:.0f} s, over max_video_seconds={limits.max_video_seconds:g}")
-            stream.thread_type = "SLICE"
-            for _ in container.decode(stream):
-                return
-            raise Unusable("corrupt", "MP4: no frame decodes")
+        # A frame must decode, and under the time limit: the decode runs in video_reader's helper
+        # process, killed past `video_timeout_s`, so a file that hangs the decoder cannot stall a
+        # conversion worker (the header read above does not decode).
+        read_frames(data, 1, 16, backend="pyav", timeout_s=limits.video_timeout_s)
     except Unusable:
         raise
+    except TimeoutError as error:
+        raise Unusable("timeout", f"MP4: {error}") from None
     except Exception as error:  # av.FFmpegError and friends
         raise Unusable("corrupt", f"MP4: {error}") from None
 

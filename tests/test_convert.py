@@ -302,3 +302,30 @@ def test_official_folder_flags_and_bad_official_records(releases, tmp_path, caps
     assert set(samples) == {sample_key(pid)} and "jpg" in samples[sample_key(pid)]
     items = [json.loads(line) for line in (tmp_path / "out" / "skipped.jsonl").read_text().splitlines()]
     assert sorted(i["id"] for i in items if i["reason"] == "bad_record") == ["../escape", "x"]
+
+
+def test_a_video_that_hangs_the_decoder_is_dropped_after_the_time_limit(releases, tmp_path, monkeypatch):
+    """The converter's frame check runs under `video_timeout_s` in a helper process: a decoder that
+    never returns costs that long, and the product keeps its other modalities."""
+    import time
+
+    from datamodules import video_reader
+
+    monkeypatch.setattr(video_reader, "helper_target", lambda *args: time.sleep(60))
+    video_reader.shutdown_helper()  # the next helper forks with the hanging target
+    rows = [json.loads(line) for line in (releases["jsonl"] / "meta.jsonl").read_text().splitlines()]
+    row = next(r for r in rows if r["video"])
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    only_video = {**row, **{name: None for name in FILE_FIELDS}, "video": str(releases["jsonl"] / row["video"])}
+    (raw / "meta.jsonl").write_text(json.dumps(only_video) + "\n")
+    start = time.time()
+    try:
+        write_shards(raw, tmp_path / "out", limits=DataLimits(video_timeout_s=1.0))
+    finally:
+        video_reader.shutdown_helper()
+    assert time.time() - start < 20
+    items = [json.loads(line) for line in (tmp_path / "out" / "skipped.jsonl").read_text().splitlines()]
+    assert [(i["modality"], i["reason"]) for i in items] == [("video", "timeout")]
+    samples, _ = read_shards(tmp_path / "out")
+    assert set(samples[sample_key(row["id"])]) == {"json"}  # title and table kept
