@@ -3,7 +3,7 @@
 For each modality alone and for all five together, the real data path (shard tar reading ->
 `SampleDecoder` -> collate into batches, one process, one thread) is timed side by side with the
 *library-direct* decode of the same bytes (pre-read into memory, the same operations as
-`datamodules/decode.py` called straight on PIL + timm, decord, soundfile + torchaudio and the
+`datamodules/decode.py` called straight on PIL + timm, PyAV, soundfile + torchaudio and the
 tokenizer; without the pipeline's safety checks, which are part of its cost). The sum-of-parts
 limit of all five is 1 / (sum over modalities of direct seconds per sample); the target is a
 pipeline at >= 90 % of it. Rates are samples per CPU-second of this process
@@ -340,12 +340,12 @@ class Direct:
             return self.transform(image.convert("RGB"))
 
     def video(self, sample):
-        import decord
         import torch
 
+        # PyAV with keyframe seeks, the pipeline's first backend (datamodules/video_reader.py; decord,
+        # its fallback, is compared in the video table below), written here on PyAV directly.
         config = self.config.video
-        reader = decord.VideoReader(io.BytesIO(sample["mp4"]), num_threads=1, width=config.size, height=config.size)
-        frames = torch.from_numpy(reader.get_batch(frame_indices(len(reader), config.frames)).asnumpy())
+        frames = torch.from_numpy(video_pyav_seek(sample["mp4"], config.frames, config.size))
         return (frames.permute(0, 3, 1, 2).float() / 255.0 - self.mean) / self.std
 
     def audio(self, sample):
