@@ -310,26 +310,13 @@ class Direct:
         return encoded["input_ids"][0], encoded["attention_mask"][0]
 
     def table(self, sample):
-        import torch
+        # The tokenizer call and the [CLS] k v ... [SEP] layout, as the pipeline does them.
+        from datamodules.decode import tokenize_table
+        from datamodules.sources import parse_table
 
-        config, tok = self.config.table, self.tokenizer
-        pairs = []
-        for item in json.loads(sample["json"])["table"].split("#;#"):
-            key, sep, value = item.partition("#:#")
-            if sep and key.strip() and value.strip():
-                pairs.append((key.strip(), value.strip()))
-        texts = [text for pair in pairs[: config.max_pairs] for text in pair]
-        pieces = tok(texts, add_special_tokens=False)["input_ids"]
-        ids, entity, role = [tok.cls_token_id], [-1], [-1]
-        for index, piece in enumerate(pieces):
-            ids += piece
-            entity += [index // 2] * len(piece)
-            role += [index % 2] * len(piece)
-        limit = config.max_tokens - 1
-        ids, entity, role = ids[:limit] + [tok.sep_token_id], entity[:limit] + [-1], role[:limit] + [-1]
-        pad = config.max_tokens - len(ids)
-        return (torch.tensor(ids + [tok.pad_token_id] * pad), torch.tensor([1] * len(ids) + [0] * pad),
-                torch.tensor(entity + [-1] * pad), torch.tensor(role + [-1] * pad))  # fmt: skip
+        config = self.config.table
+        pairs = parse_table(json.loads(sample["json"])["table"])[: config.max_pairs]
+        return tokenize_table(self.tokenizer, pairs, config.max_tokens)
 
     def image(self, sample, draft: bool = True):
         from PIL import Image

@@ -69,6 +69,27 @@ def category_label(value: Any) -> int:
     return -1
 
 
+def tokenize_table(tokenizer, pairs: list[tuple[str, str]], max_tokens: int) -> dict[str, torch.Tensor]:
+    """[(key, value)] -> `[CLS] key value key value ... [SEP]` token ids, padded to `max_tokens`,
+    with each token's pair index (`entity_index`) and whether it is a key or a value
+    (`entity_role` 0 / 1); -1 on special and padding tokens."""
+    pieces = tokenizer([text for pair in pairs for text in pair], add_special_tokens=False)["input_ids"]
+    ids, entity, role = [tokenizer.cls_token_id], [-1], [-1]
+    for index, piece in enumerate(pieces):
+        ids += piece
+        entity += [index // 2] * len(piece)
+        role += [index % 2] * len(piece)
+    limit = max_tokens - 1
+    ids, entity, role = ids[:limit] + [tokenizer.sep_token_id], entity[:limit] + [-1], role[:limit] + [-1]
+    pad = max_tokens - len(ids)
+    return {
+        "input_ids": torch.tensor(ids + [tokenizer.pad_token_id] * pad),
+        "attention_mask": torch.tensor([1] * len(ids) + [0] * pad),
+        "entity_index": torch.tensor(entity + [-1] * pad),
+        "entity_role": torch.tensor(role + [-1] * pad),
+    }
+
+
 class SampleDecoder:
     """Turns one raw shard sample (`{"__key__", "json", "jpg", "mp4", "wav", "regions.npy", ...}` of
     bytes) into tensors, reading for each modality the field of its configured stem.
@@ -138,22 +159,7 @@ class SampleDecoder:
         pairs = parse_table(self._string(meta, "table", self.limits.max_table_chars))[: config.max_pairs]
         if not pairs:  # a non-empty table string without one key#:#value pair is malformed
             raise ValueError("no well-formed property-value pair in the table")
-        pieces = self.tokenizer([text for pair in pairs for text in pair], add_special_tokens=False)["input_ids"]
-        tok = self.tokenizer
-        ids, entity, role = [tok.cls_token_id], [-1], [-1]
-        for index, piece in enumerate(pieces):
-            ids += piece
-            entity += [index // 2] * len(piece)
-            role += [index % 2] * len(piece)
-        limit = config.max_tokens - 1
-        ids, entity, role = ids[:limit] + [tok.sep_token_id], entity[:limit] + [-1], role[:limit] + [-1]
-        pad = config.max_tokens - len(ids)
-        return {
-            "input_ids": torch.tensor(ids + [tok.pad_token_id] * pad),
-            "attention_mask": torch.tensor([1] * len(ids) + [0] * pad),
-            "entity_index": torch.tensor(entity + [-1] * pad),
-            "entity_role": torch.tensor(role + [-1] * pad),
-        }
+        return tokenize_table(self.tokenizer, pairs, config.max_tokens)
 
     def image(self, meta: dict[str, Any], sample: dict[str, bytes]) -> dict[str, torch.Tensor]:
         if self.config.image.stem == "regions":

@@ -31,6 +31,7 @@ from datamodules.decode import SampleDecoder, decode_image
 from datamodules.limits import DataErrorRateExceeded, DataLimits
 from datamodules.video_reader import MediaTooLarge, read_frames
 from tests.conftest import ROOT, TINY_YAML, tiny_config
+from tests.test_features import UNPICKLED, Tripwire  # an object that records being unpickled
 
 # ---- real media, made here (small and fast) ----------------------------------------------------
 
@@ -358,17 +359,6 @@ def test_megabyte_title_is_cut_before_tokenising(config):
     assert present(decoded)["text"] and present(decoded)["table"] and not errors(decoder)
 
 
-UNPICKLED: list[str] = []
-
-
-def _tripwire() -> str:
-    UNPICKLED.append("unpickled")
-    return "boom"
-
-
-class Tripwire:
-    def __reduce__(self):
-        return (_tripwire, ())
 
 
 def test_pickle_members_are_ignored_never_unpickled(decoder, media):
