@@ -568,28 +568,6 @@ def throughput_rows(measured: dict, paths: list[str]) -> list[dict]:
 
 
 # ---- cores per GPU --------------------------------------------------------------------------------
-def random_batch(config, batch: int) -> dict:
-    """Valid random inputs of every modality, all present (shapes as the data pipeline's)."""
-    import torch
-
-    t, tb, a, i, v = config.text, config.table, config.audio, config.image, config.video
-    entity = torch.arange(tb.max_tokens).div(4, rounding_mode="floor").clamp(max=tb.max_pairs - 1)
-    inputs = {
-        "text": {"input_ids": torch.randint(1000, 5000, (batch, t.max_tokens)),
-                 "attention_mask": torch.ones(batch, t.max_tokens, dtype=torch.long)},
-        "table": {"input_ids": torch.randint(1000, 5000, (batch, tb.max_tokens)),
-                  "attention_mask": torch.ones(batch, tb.max_tokens, dtype=torch.long),
-                  "entity_index": entity.expand(batch, -1).clone(),
-                  "entity_role": (torch.arange(tb.max_tokens) % 4 >= 2).long().expand(batch, -1).clone()},
-        "image": {"pixels": torch.randn(batch, 3, i.size, i.size)},
-        "video": {"frames": torch.randn(batch, v.frames, 3, v.size, v.size)},
-        "audio": {"fbank": torch.randn(batch, a.num_frames, a.mel_bins), "length": torch.full((batch,), a.num_frames)},
-    }  # fmt: skip
-    for name in config.modalities:
-        inputs[name]["present"] = torch.ones(batch, dtype=torch.bool)
-    return {name: inputs[name] for name in config.modalities}
-
-
 def count_flops(base: dict, backward: bool, batch: int = 2) -> dict[str, float]:
     """Forward (+ loss) FLOPs per sample of the training forward (masked modeling on) of the model
     of `base`, counted by torch's FlopCounterMode on CPU; with `backward`, the backward's too."""
@@ -602,7 +580,10 @@ def count_flops(base: dict, backward: bool, batch: int = 2) -> dict[str, float]:
     config = ModelConfig.from_dict(base)
     torch.manual_seed(0)
     model = SCALE(config).train()
-    inputs = random_batch(config, batch)
+    from tests.test_model import random_batch  # valid random inputs of the pipeline's shapes
+
+    inputs = random_batch(config, torch.ones(batch, 5, dtype=torch.bool))
+    inputs = {name: inputs[name] for name in config.modalities}
     with FlopCounterMode(display=False) as counter:
         loss = model.losses(model(inputs, masked_modeling=True))["loss"]
     result = {"forward_flops_per_sample": counter.get_total_flops() / batch,
