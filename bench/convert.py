@@ -42,6 +42,7 @@ def release(raw: Path, products: int, workers: int) -> list[dict]:
 
 def noisy_copy(rows: list[dict], raw: Path, noisy: Path) -> dict[str, dict]:
     """A meta.jsonl over the same media (absolute paths), with known damage; returns id -> row."""
+    noisy = noisy.resolve()  # media paths in its meta.jsonl are absolute
     shutil.rmtree(noisy, ignore_errors=True)
     (noisy / "bad").mkdir(parents=True)
     rng = random.Random(0)
