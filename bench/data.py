@@ -329,8 +329,8 @@ class Direct:
     def video(self, sample):
         import torch
 
-        # PyAV with keyframe seeks, the pipeline's first backend (datamodules/video_reader.py; decord,
-        # its fallback, is compared in the video table below), written here on PyAV directly.
+        # PyAV with keyframe seeks, the pipeline's first backend, called in-process without the
+        # helper process and header checks (decord, its fallback, is compared in the video table).
         config = self.config.video
         frames = torch.from_numpy(video_pyav_seek(sample["mp4"], config.frames, config.size))
         return (frames.permute(0, 3, 1, 2).float() / 255.0 - self.mean) / self.std
@@ -371,33 +371,12 @@ def video_decord_seek(data: bytes, frames: int, size: int) -> np.ndarray:
 
 
 def video_pyav_seek(data: bytes, frames: int, size: int) -> np.ndarray:
-    """Demux once for timestamps and keyframes, then per wanted frame seek to its keyframe (unless
-    it is reached by decoding on) and decode forward to it."""
-    import av
+    """The pipeline's PyAV reader called in-process, without the helper process or header limits:
+    demux once for timestamps and keyframes, then per wanted frame seek to its keyframe (unless it
+    is reached by decoding on) and decode forward to it."""
+    from datamodules.video_reader import decode_frames
 
-    with av.open(io.BytesIO(data)) as container:
-        stream = container.streams.video[0]
-        stream.codec_context.thread_count = 1
-        stamps, keys = [], []
-        for packet in container.demux(stream):
-            if packet.pts is not None and packet.size:
-                stamps.append(packet.pts)
-                if packet.is_keyframe:
-                    keys.append(packet.pts)
-        stamps.sort()
-        wanted = [stamps[i] for i in frame_indices(len(stamps), frames)]
-        found, decoder, last = {}, None, None
-        for target in sorted(set(wanted)):
-            key = max([k for k in keys if k <= target] or [keys[0]])
-            if decoder is None or last is None or key > last:
-                container.seek(target, stream=stream, backward=True)
-                decoder = container.decode(stream)
-            for frame in decoder:
-                last = frame.pts
-                if frame.pts >= target:
-                    found[target] = frame.to_ndarray(width=size, height=size, format="rgb24")
-                    break
-        return np.stack([found[t] for t in wanted])
+    return decode_frames(data, frames, size, backend="pyav")
 
 
 def video_pyav_all(data: bytes, frames: int, size: int, convert_all: bool) -> np.ndarray:
