@@ -59,6 +59,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict
 from multiprocessing import get_context
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any, Callable
 
 from braceexpand import braceexpand
@@ -189,7 +190,7 @@ def _entry(product, key: str, limits: DataLimits, missing: Counter) -> dict:
             stat = os.stat(path)
         except OSError:
             stat = None
-        if stat is None or not os.path.isfile(path):
+        if stat is None or not S_ISREG(stat.st_mode):
             missing[FIELD_TABLE[name].modality] += 1
             note(name, "not_found", f"{path}: no such file")
         elif extension is None:
@@ -285,7 +286,7 @@ def _write_shard(job: dict) -> dict:
     os.replace(tmp, out / name)
     record = {"shard": name, "count": count, "bytes": size, "seconds": round(time.perf_counter() - start, 3),
               "items": items}
-    _atomic_write(progress / (name.removesuffix(".tar") + ".json"), json.dumps(record).encode())
+    _atomic_write(_record_path(out, name), json.dumps(record).encode())
     return record
 
 

@@ -38,6 +38,9 @@ from datamodules.video_reader import read_frames
 from datamodules.sources import AUDIO_FROM_VIDEO, FIELD_TABLE, FILE_FIELDS, TABLE_PAIR_SEPARATOR, parse_table
 
 AUDIO_RATE = 16000
+MEMBER_MODALITY = {e: FIELD_TABLE[f].modality for f in FILE_FIELDS for e in FIELD_TABLE[f].extensions.values()}
+MEMBER_MODALITY[AUDIO_FROM_VIDEO] = "audio"
+"""Shard member extension -> the modality it carries."""
 """Audio taken from a video's sound track is resampled to this rate, mono (M5Product's audio rate)."""
 
 
@@ -277,9 +280,7 @@ def check_product(entry: dict[str, Any], limits: DataLimits) -> tuple[dict[str, 
                 note("audio", "audio", "from_video", f"{len(flac)} bytes of FLAC from the MP4's audio track", "added")
         except Unusable as error:
             note("audio", "audio", error.reason, error.detail)
-    extensions = {e: FIELD_TABLE[f].modality for f in FILE_FIELDS for e in FIELD_TABLE[f].extensions.values()}
-    extensions[AUDIO_FROM_VIDEO] = "audio"
-    present |= {extensions[e] for e in members}
+    present |= {MEMBER_MODALITY[e] for e in members}
     if not present:
         note("*", "*", "no_usable_modality", "no usable modality left: product skipped", "skipped")
         return None, items
