@@ -19,7 +19,7 @@ In both, the shuffle buffer holds *encoded* samples (bytes) and decoding happens
 **Mid-epoch resume** (exact mode): a stream told to skip the first `skip_batches` batches of the
 epoch replays the same reads and shuffle without decoding and starts where the stopped run stopped.
 Which batches each worker had delivered follows from the DataLoader's round-robin order over
-workers (`consumed_per_worker`). A resampled stream resumes with a fresh seed instead: replaying an
+workers (`resume_point`). A resampled stream resumes with a fresh seed instead: replaying an
 infinite stream would mean re-reading everything read so far.
 
 Bad shards do not stop a stream: a truncated or unreadable tar ends that shard's part (counted as
@@ -205,19 +205,25 @@ def plan_epoch(
     return steps, plans
 
 
-def consumed_per_worker(batches_per_worker: list[int], consumed: int) -> list[int]:
-    """How many of each worker's batches are among the first `consumed` a DataLoader yielded.
+def resume_point(batches_per_worker: list[int], consumed: int) -> tuple[list[int], int]:
+    """(how many of each worker's batches are among the first `consumed` a DataLoader yielded,
+    the worker whose batch comes next).
 
-    torch's DataLoader takes batches from its workers in turn and skips a worker once it is
-    exhausted; this replays that order."""
-    taken = [0] * len(batches_per_worker)
-    active = itertools.cycle(range(len(batches_per_worker)))
+    torch's DataLoader takes batches from its workers in turn, starting at worker 0, and skips a
+    worker once it is exhausted; this replays that order. A resumed loader starts at its worker 0
+    again, so its workers take the roles of the old ones rotated by the second value: the batches
+    then continue in the uninterrupted order, not only the same set."""
+    workers = len(batches_per_worker)
+    taken = [0] * workers
+    active = itertools.cycle(range(workers))
+    following = 0
     while consumed > 0 and any(t < n for t, n in zip(taken, batches_per_worker)):
         worker = next(active)
         if taken[worker] < batches_per_worker[worker]:
             taken[worker] += 1
             consumed -= 1
-    return taken
+            following = (worker + 1) % workers
+    return taken, following
 
 
 # ---- the streams ----------------------------------------------------------------------------
@@ -261,10 +267,11 @@ class ExactEpochStream(_Stream):
         return self.plans(1)[0]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        worker, workers = _worker()
+        loader_worker, workers = _worker()
         _, plans = self.plans(workers)
-        plan = plans[worker]
-        skip = consumed_per_worker([len(p.batch_sizes) for p in plans], self.skip_batches)[worker]
+        taken, first = resume_point([len(p.batch_sizes) for p in plans], self.skip_batches)
+        worker = (loader_worker + first) % workers  # the role this process plays (resume_point doc)
+        plan, skip = plans[worker], taken[worker]
         # The shuffle seed leaves out skip_batches: a resumed worker must replay the same order.
         rng = random.Random(f"samples:{self.seed}:{self.epoch}:{self.rank}:{worker}")
         raw = itertools.chain.from_iterable(

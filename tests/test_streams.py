@@ -22,11 +22,11 @@ from datamodules.m5product import M5ProductDataModule
 from datamodules.streams import (
     ExactEpochStream,
     ResampledStream,
-    consumed_per_worker,
     epoch_order,
     plan_epoch,
     rank_batch_sizes,
     read_samples,
+    resume_point,
     shard_sizes,
 )
 from tests.conftest import tiny_config
@@ -100,22 +100,29 @@ def test_shard_order_is_deterministic_per_epoch_and_changes_between_epochs():
 
 
 class _Tagged(IterableDataset):
-    """Worker w yields `lengths[w]` items tagged (w, i)."""
+    """Worker w yields `lengths[w]` items tagged (w, i); after `skip` consumed items it resumes as
+    ExactEpochStream does (roles rotated, each role's consumed items skipped)."""
 
-    def __init__(self, lengths):
-        self.lengths = lengths
+    def __init__(self, lengths, skip=0):
+        self.lengths, self.skip = lengths, skip
 
     def __iter__(self):
-        worker = get_worker_info().id
-        return iter([(worker, i) for i in range(self.lengths[worker])])
+        info = get_worker_info()
+        taken, first = resume_point(self.lengths, self.skip)
+        role = (info.id + first) % info.num_workers
+        return iter([(role, i) for i in range(taken[role], self.lengths[role])])
 
 
-def test_consumed_per_worker_replays_the_dataloader_order():
-    lengths = [2, 3, 3]
-    order = list(DataLoader(_Tagged(lengths), batch_size=None, num_workers=3))
+@pytest.mark.parametrize("lengths", [[2, 3, 3], [3, 3], [4, 1, 2]])
+def test_resume_point_replays_the_dataloader_order(lengths):
+    order = list(DataLoader(_Tagged(lengths), batch_size=None, num_workers=len(lengths)))
     for consumed in range(len(order) + 1):
         expected = Counter(worker for worker, _ in order[:consumed])
-        assert consumed_per_worker(lengths, consumed) == [expected[w] for w in range(3)]
+        taken, _ = resume_point(lengths, consumed)
+        assert taken == [expected[w] for w in range(len(lengths))]
+        # A loader resumed after `consumed` items continues in the same order, not just the same set.
+        resumed = list(DataLoader(_Tagged(lengths, consumed), batch_size=None, num_workers=len(lengths)))
+        assert [tuple(x) for x in resumed] == [tuple(x) for x in order[consumed:]], consumed
 
 
 # ---- real ranks x workers ----------------------------------------------------------------------
