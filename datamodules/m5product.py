@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from datamodules.decode import SampleDecoder
 from datamodules.limits import DataLimits
 from datamodules.shards import list_shards
-from datamodules.streams import ExactEpochStream, ResampledStream, shard_sizes
+from datamodules.streams import ExactEpochStream, ResampledStream, plan_epoch, shard_sizes
 from scale.config import ModelConfig
 
 MODES = ("resampled", "exact")
@@ -40,14 +40,18 @@ class EpochDataLoader(DataLoader):
     """A DataLoader that sets its stream's epoch and resume position each time an epoch starts.
 
     `position()` returns (epoch, batches to skip); the stream is pickled into fresh workers after
-    that, so they see both."""
+    that, so they see both. The loader draws its workers' base seed from its own generator, seeded
+    by (seed, epoch), not from torch's global one: the training step's masking and dropout then
+    draw the same numbers whether or not a loader was started in between (bitwise resume)."""
 
-    def __init__(self, dataset, position, **kwargs):
+    def __init__(self, dataset, position, seed: int = 0, **kwargs):
         super().__init__(dataset, **kwargs)
         self.position = position
+        self.seed = seed
 
     def __iter__(self):
         self.dataset.epoch, self.dataset.skip_batches = self.position()
+        self.generator = torch.Generator().manual_seed(self.seed * 100_003 + self.dataset.epoch)
         return super().__iter__()
 
 
@@ -107,20 +111,35 @@ class M5ProductDataModule(L.LightningDataModule):
             return {}
         # Saved from on_train_batch_end (ModelCheckpoint): `processed` counts the batch just trained.
         progress = trainer.fit_loop.epoch_loop.batch_progress.current
-        return {"mode": self.mode, "epoch": trainer.current_epoch, "batches": progress.processed}
+        return {"mode": self.mode, "epoch": trainer.current_epoch, "batches": progress.processed,
+                "step": trainer.global_step}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._resume = state or None
 
     def _position(self) -> tuple[int, int]:
-        """(epoch, batches of it to skip) for the epoch that is starting."""
+        """(epoch, batches of it to skip) for the epoch that is starting.
+
+        A pure function of the trainer's progress and the restored position: the saved position
+        applies while the trainer stands at the saved epoch *and* optimizer step, i.e. right after
+        the restore, and never again (asking early, before Lightning restored its loops, consumes
+        nothing)."""
         trainer = self._trainer_or_none()
-        epoch = trainer.current_epoch if trainer is not None else self._epochs_started
-        self._epochs_started += 1
-        resume, self._resume = self._resume, None  # applies to the first epoch after a restore only
-        if resume and resume.get("epoch") == epoch:
+        if trainer is None:
+            epoch, self._epochs_started = self._epochs_started, self._epochs_started + 1
+            return epoch, 0
+        epoch, resume = trainer.current_epoch, self._resume
+        if resume and resume.get("epoch") == epoch and resume.get("step", trainer.global_step) == trainer.global_step:
             return epoch, int(resume["batches"])
         return epoch, 0
+
+    def steps_per_epoch(self) -> int | None:
+        """Batches per epoch, the same on every rank (exact mode); None for an infinite stream."""
+        if self.mode != "exact":
+            return None
+        rank, world = self._distributed()
+        steps, _ = plan_epoch(list(zip(self.train_urls, self.train_sizes)), rank, world, 1, self.batch_size)
+        return steps
 
     # ---- loaders -----------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
@@ -135,6 +154,7 @@ class M5ProductDataModule(L.LightningDataModule):
         return EpochDataLoader(
             stream,
             self._position,
+            seed=self.seed,
             batch_size=None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0 and self.mode == "resampled",

@@ -42,7 +42,9 @@ def build_cli(args: list[str] | None = None, run: bool = True):
     """The LightningCLI over SCALEModule and M5ProductDataModule (`run=False`: parse and build only)."""
     import torch
     from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+    from callbacks.checkpoint import AtomicCheckpointIO
     from datamodules.m5product import M5ProductDataModule
     from scale.module import SCALEModule
 
@@ -60,8 +62,16 @@ def build_cli(args: list[str] | None = None, run: bool = True):
             # logger's versioned folder), so one flag moves a whole run and `last.ckpt` is findable.
             root = config.trainer.default_root_dir or "."
             for callback in config.trainer.callbacks or []:
-                if callback.class_path.endswith("ModelCheckpoint") and not callback.init_args.get("dirpath"):
+                if callback.class_path.endswith(("ModelCheckpoint", "SCALECheckpoint")) and not callback.init_args.get("dirpath"):
                     callback.init_args["dirpath"] = os.path.join(root, "checkpoints")
+
+        def instantiate_trainer(self, **kwargs):
+            trainer = super().instantiate_trainer(**kwargs)
+            # Atomic local writes and weights-only loads (callbacks/checkpoint.py) for every strategy
+            # that writes single files through Lightning's default IO.
+            if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+                trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+            return trainer
 
     return SCALECLI(
         SCALEModule,

@@ -1,5 +1,10 @@
-"""A training process killed with SIGKILL mid-epoch and resumed from its checkpoint continues the
-exact epoch where it stopped: no sample seen twice, none skipped."""
+"""Crash and resume: a training process killed with SIGKILL and resumed with `--ckpt_path last`
+ends bitwise equal to an uninterrupted run with the same seed (weights and optimizer state), having
+trained on the same batches in the same order: in exact mode every sample once per epoch.
+
+Two epochs of 10 steps (40 samples, batch 4), 2 data workers. Kill points: mid-epoch 0 (resumed
+from step 6), and just after the epoch boundary (resumed from step 11, the first batch of epoch 1:
+the case where the schedule's setup used to replay epoch 0's order)."""
 
 from __future__ import annotations
 
@@ -13,24 +18,22 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from tests.conftest import ROOT, TINY_YAML
 
-CHECKPOINT_EVERY, STALL_AT = 3, 7
+EPOCHS, BATCH = 2, 4
 
 
-def write_config(tmp_path: Path, shards: Path, stall: bool) -> Path:
+def write_config(path: Path, shards: Path, run: Path, keys: Path, every: int, stall_at: int | None) -> Path:
     config = yaml.safe_load(TINY_YAML.read_text())
-    config["trainer"].update(max_steps=-1, max_epochs=1, default_root_dir=str(tmp_path / "run"))
+    config["trainer"].update(max_steps=-1, max_epochs=EPOCHS, default_root_dir=str(run))
     config["trainer"]["callbacks"] = [
-        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-         "init_args": {"save_last": True, "every_n_train_steps": CHECKPOINT_EVERY}},
-        {"class_path": "callbacks.sample_log.SampleKeyLog",
-         "init_args": {"path": str(tmp_path / "keys" / ("first.jsonl" if stall else "resumed.jsonl"))}},
-    ] + ([{"class_path": "tests.stall.StallAtStep", "init_args": {"step": STALL_AT}}] if stall else [])  # fmt: skip
-    config["data"].update(train_shards=str(shards), mode="exact", batch_size=4, num_workers=2, shuffle_buffer=6)
-    path = tmp_path / ("first.yaml" if stall else "resumed.yaml")
+        {"class_path": "callbacks.checkpoint.SCALECheckpoint", "init_args": {"every_n_train_steps": every}},
+        {"class_path": "callbacks.sample_log.SampleKeyLog", "init_args": {"path": str(keys)}},
+    ] + ([{"class_path": "tests.stall.StallAtStep", "init_args": {"step": stall_at}}] if stall_at else [])  # fmt: skip
+    config["data"].update(train_shards=str(shards), mode="exact", batch_size=BATCH, num_workers=2, shuffle_buffer=6)
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -39,33 +42,72 @@ def read_log(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-@pytest.mark.slow
-def test_kill_9_mid_epoch_then_resume_sees_every_sample_once(demo_shards, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "scale.cli", "fit"]
-    first = subprocess.Popen(command + ["--config", str(write_config(tmp_path, demo_shards["train"], stall=True))],
-                             cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
-    log = tmp_path / "keys" / "first.jsonl"
+def fit(config: Path, *extra: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "scale.cli", "fit", "--config", str(config), *extra]
+    return subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+
+
+def fit_until_killed(config: Path, log: Path, step: int) -> None:
+    """Start a fit, wait until it has trained `step` (it stalls on the next), then SIGKILL it and its workers."""
+    process = subprocess.Popen([sys.executable, "-m", "scale.cli", "fit", "--config", str(config)], cwd=ROOT,
+                               env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)  # fmt: skip
     deadline = time.time() + 300
-    while not any(r["step"] == STALL_AT for r in read_log(log)):  # trained one step past the checkpoint
-        assert first.poll() is None, first.stderr.read()[-3000:]
-        assert time.time() < deadline, "the first run did not reach the stall step"
-        time.sleep(0.5)
-    os.killpg(first.pid, signal.SIGKILL)  # the trainer and its data workers, with no chance to clean up
-    first.wait()
+    while not any(r["step"] == step for r in read_log(log)):
+        assert process.poll() is None, process.stderr.read()[-3000:]
+        assert time.time() < deadline, f"the run did not reach step {step}"
+        time.sleep(0.3)
+    os.killpg(process.pid, signal.SIGKILL)  # no chance to clean up, as on a node failure
+    process.wait()
 
-    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    resumed = subprocess.run(command + ["--config", str(write_config(tmp_path, demo_shards["train"], stall=False)),
-                                        "--ckpt_path", str(checkpoint)],
-                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
 
-    saved_step = (STALL_AT // CHECKPOINT_EVERY) * CHECKPOINT_EVERY
-    before = [r for r in read_log(log) if r["step"] <= saved_step]  # what the checkpoint includes
-    after = read_log(tmp_path / "keys" / "resumed.jsonl")
-    assert [r["step"] for r in before] == list(range(1, saved_step + 1))
-    assert after[0]["step"] == saved_step + 1 and all(r["epoch"] == 0 for r in before + after)
-    seen = Counter(k for r in before + after for k in r["keys"])
-    assert max(seen.values()) == 1, "a sample was seen twice"
-    total = json.loads((demo_shards["train"] / "sizes.json").read_text())
-    assert sum(seen.values()) == sum(total.values()), "a sample was skipped"
+def final_state(run: Path) -> dict:
+    return torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(demo_shards, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("uninterrupted")
+    keys = root / "keys.jsonl"
+    result = fit(write_config(root / "config.yaml", demo_shards["train"], root / "run", keys, every=100, stall_at=None))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {"state": final_state(root / "run"), "log": read_log(keys)}
+
+
+def assert_every_sample_once_per_epoch(log: list[dict], total: int) -> None:
+    for epoch in range(EPOCHS):
+        seen = Counter(k for r in log if r["epoch"] == epoch for k in r["keys"])
+        assert max(seen.values()) == 1, f"epoch {epoch}: a sample was seen twice"
+        assert sum(seen.values()) == total, f"epoch {epoch}: {total - sum(seen.values())} samples never seen"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("every, killed_after", [(3, 7), (11, 12)], ids=["mid_epoch", "after_epoch_boundary"])
+def test_kill_9_then_resume_is_bitwise_equal_to_uninterrupted(demo_shards, uninterrupted, tmp_path, every, killed_after):
+    run, keys = tmp_path / "run", tmp_path / "keys.jsonl"
+    config = write_config(tmp_path / "first.yaml", demo_shards["train"], run, keys, every, stall_at=killed_after)
+    fit_until_killed(config, keys, killed_after)
+    saved = killed_after // every * every
+    before = [r for r in read_log(keys) if r["step"] <= saved]  # what the checkpoint includes
+    assert [r["step"] for r in before] == list(range(1, saved + 1))
+
+    resumed_keys = tmp_path / "resumed.jsonl"
+    config = write_config(tmp_path / "resumed.yaml", demo_shards["train"], run, resumed_keys, every, stall_at=None)
+    result = fit(config, "--ckpt_path", "last")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    log = before + read_log(resumed_keys)
+    assert [r["step"] for r in log] == [r["step"] for r in uninterrupted["log"]]
+    total = sum(json.loads((demo_shards["train"] / "sizes.json").read_text()).values())
+    assert_every_sample_once_per_epoch(log, total)
+    # The same batches, in the same order, as without the crash.
+    assert [r["keys"] for r in log] == [r["keys"] for r in uninterrupted["log"]]
+
+    state, reference = final_state(run), uninterrupted["state"]
+    assert state["global_step"] == reference["global_step"] == EPOCHS * total // BATCH
+    assert state["state_dict"].keys() == reference["state_dict"].keys()
+    different = [k for k, v in state["state_dict"].items() if not torch.equal(v, reference["state_dict"][k])]
+    assert not different, f"weights differ from the uninterrupted run: {different[:5]}"
+    for mine, theirs in zip(state["optimizer_states"][0]["state"].values(), reference["optimizer_states"][0]["state"].values()):
+        assert all(torch.equal(mine[k], theirs[k]) for k in ("exp_avg", "exp_avg_sq"))
