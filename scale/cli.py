@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import pickle
 import sys
 
 from datamodules.limits import DataErrorRateExceeded
@@ -84,6 +85,15 @@ def build_cli(args: list[str] | None = None, run: bool = True):
     )
 
 
+def _ckpt_path(args: list[str]) -> str:
+    for i, arg in enumerate(args):
+        if arg.startswith("--ckpt_path="):
+            return arg.split("=", 1)[1]
+        if arg == "--ckpt_path" and i + 1 < len(args):
+            return args[i + 1]
+    return "?"
+
+
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else list(argv)
     if args and args[0] in TOOLS:
@@ -98,6 +108,14 @@ def main(argv: list[str] | None = None) -> None:
                 raise
             # Bad input (a missing shard folder, an invalid setting): one line, not a traceback.
             sys.exit(f"scale {args[0] if args else 'fit'}: error: {error} (SCALE_DEBUG=1 for the traceback)")
+        except pickle.UnpicklingError as error:
+            if os.environ.get("SCALE_DEBUG"):
+                raise
+            # LightningCLI reads --ckpt_path's hyperparameters itself (weights_only=True): a pickle
+            # that would run code is refused there, with torch's page-long explanation.
+            first = next((line for line in str(error).splitlines() if "Unsupported global" in line), "")
+            sys.exit(f"scale {args[0] if args else 'fit'}: error: --ckpt_path {_ckpt_path(args)}: not a plain "
+                     f"checkpoint, refused to unpickle it ({first.strip()})")  # fmt: skip
         except DataErrorRateExceeded as error:
             if os.environ.get("SCALE_DEBUG"):
                 raise
