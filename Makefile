@@ -9,7 +9,7 @@ SMOKE := outputs/smoke
 # The matching PyTorch triple (torchaudio 2.11 is its last release).
 TORCH := torch==2.11.0 torchvision==0.26.0 torchaudio==2.11.0
 
-.PHONY: install smoke-test smoke-data test bench bench-robustness bench-data bench-convert clean
+.PHONY: install smoke-test smoke-data test bench bench-robustness bench-data bench-convert slurm-up slurm-down clean
 
 install: $(STAMP)
 
@@ -55,6 +55,14 @@ bench-convert: install
 	$(PY) bench/convert.py --products 20000 --processes 2 --out outputs/bench-convert
 
 bench: bench-robustness bench-data bench-convert
+
+# A real one-node SLURM cluster on this machine (root; installs slurm-wlm and munge once), to try the
+# sbatch templates in configs/slurm/ as tests/test_slurm.py does.
+slurm-up:
+	scripts/local_slurm.sh start
+
+slurm-down:
+	scripts/local_slurm.sh stop
 
 clean:
 	rm -rf outputs lightning_logs .pytest_cache

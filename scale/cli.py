@@ -43,9 +43,11 @@ def build_cli(args: list[str] | None = None, run: bool = True):
     """The LightningCLI over SCALEModule and M5ProductDataModule (`run=False`: parse and build only)."""
     import torch
     from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
     from lightning.pytorch.plugins.io import TorchCheckpointIO
 
     from callbacks.checkpoint import AtomicCheckpointIO
+    from callbacks.requeue import SlurmRequeue
     from datamodules.m5product import M5ProductDataModule
     from scale.module import SCALEModule
 
@@ -67,6 +69,15 @@ def build_cli(args: list[str] | None = None, run: bool = True):
                     callback.init_args["dirpath"] = os.path.join(root, "checkpoints")
 
         def instantiate_trainer(self, **kwargs):
+            if SLURMEnvironment.detect():
+                # Preemption is handled at step boundaries (callbacks/requeue.py), not by Lightning's
+                # handler, which saves mid-step from inside the signal handler.
+                init = self._get(self.config_init, "trainer")
+                init["callbacks"] = [*(init.get("callbacks") or []), SlurmRequeue()]
+                plugins = init.get("plugins") or []
+                plugins = plugins if isinstance(plugins, list) else [plugins]
+                if not any(isinstance(p, SLURMEnvironment) for p in plugins):
+                    init["plugins"] = [*plugins, SLURMEnvironment(auto_requeue=False)]
             trainer = super().instantiate_trainer(**kwargs)
             # Atomic local writes and weights-only loads (callbacks/checkpoint.py) for every strategy
             # that writes single files through Lightning's default IO.
