@@ -58,7 +58,7 @@ class EpochDataLoader(DataLoader):
 class M5ProductDataModule(L.LightningDataModule):
     def __init__(
         self,
-        train_shards: str,
+        train_shards: str | None = None,
         batch_size: int = 64,
         num_workers: int = 4,
         shuffle_buffer: int = 2000,
@@ -66,6 +66,9 @@ class M5ProductDataModule(L.LightningDataModule):
         mode: str = "resampled",
         limits: DataLimits | None = None,
         model_config: ModelConfig | None = None,
+        val_shards: str | None = None,
+        val_batch_size: int | None = None,
+        val_max_samples: int | None = None,
     ):
         """
         Args:
@@ -77,6 +80,11 @@ class M5ProductDataModule(L.LightningDataModule):
             mode: `resampled` (infinite, with replacement) or `exact` (every sample once per epoch).
             limits: size, time and error-rate limits on bad data (`datamodules/limits.py`).
             model_config: input specification (sizes, token budgets); linked from the model by the CLI.
+            val_shards: held-out shards for validation (`scale validate`, and in `fit` every
+                `trainer.val_check_interval` steps); None: no validation.
+            val_batch_size: samples per validation batch per rank (default: batch_size).
+            val_max_samples: validate on the first this many held-out samples only (shards in
+                order), to keep in-loop validation cheap; None: all of them.
         """
         super().__init__()
         if mode not in MODES:
@@ -89,13 +97,23 @@ class M5ProductDataModule(L.LightningDataModule):
         self.mode = mode
         self.limits = limits or DataLimits()
         self.model_config = model_config or ModelConfig()
+        self.val_shards = val_shards
+        self.val_batch_size = val_batch_size or batch_size
+        self.val_max_samples = val_max_samples
         self._resume: dict[str, int] | None = None
         self._epochs_started = 0
 
     def setup(self, stage: str | None = None) -> None:
         # Fail here, with the path in the message, rather than as a hang inside a worker.
-        self.train_urls = list_shards(self.train_shards)
-        self.train_sizes = shard_sizes(self.train_urls) if self.mode == "exact" else None
+        if stage in (None, "fit"):
+            if self.train_shards is None:
+                raise ValueError("data.train_shards is not set: give the training shard folder")
+            self.train_urls = list_shards(self.train_shards)
+            self.train_sizes = shard_sizes(self.train_urls) if self.mode == "exact" else None
+        if stage == "validate" and self.val_shards is None:
+            raise ValueError("data.val_shards is not set: give the held-out shard folder to validate on")
+        if self.val_shards is not None:
+            self.val_urls, self.val_sizes = _first_samples(self.val_shards, self.val_max_samples)
 
     def _distributed(self) -> tuple[int, int]:
         trainer = self._trainer_or_none()
@@ -161,6 +179,37 @@ class M5ProductDataModule(L.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
             prefetch_factor=4 if self.num_workers > 0 else None,
         )
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Every held-out sample once per validation, split across ranks, same steps on each."""
+        if self.val_shards is None:
+            return []  # Lightning then skips validation
+        rank, world = self._distributed()
+        decoder = SampleDecoder(self.model_config, self.limits)
+        stream = ExactEpochStream(self.val_urls, self.val_sizes, decoder, self.val_batch_size, seed=self.seed,
+                                  rank=rank, world=world, shuffle_shards=False)  # fmt: skip
+        # Persistent workers: the held-out stream is the same at every validation, so the workers
+        # are started once per run, not once per validation.
+        return DataLoader(stream, batch_size=None, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          pin_memory=torch.cuda.is_available())  # fmt: skip
+
+
+def _first_samples(shards: str, limit: int | None) -> tuple[list[str], list[int]]:
+    """The shards holding the first `limit` samples of `shards` (in order), the last one cut."""
+    urls = list_shards(shards)
+    sizes = shard_sizes(urls)
+    if limit is None:
+        return urls, sizes
+    if limit < 1:
+        raise ValueError(f"data.val_max_samples must be >= 1, got {limit}")
+    kept_urls, kept_sizes = [], []
+    for url, size in zip(urls, sizes):
+        if limit <= 0:
+            break
+        kept_urls.append(url)
+        kept_sizes.append(min(size, limit))
+        limit -= size
+    return kept_urls, kept_sizes
 
 
 def eval_dataloader(

@@ -1,6 +1,7 @@
 """`scale` command line.
 
-    scale fit --config configs/smoke.yaml [--trainer.max_steps 100 ...]   LightningCLI (also validate, --print_config)
+    scale fit --config configs/smoke.yaml [--trainer.max_steps 100 ...]   LightningCLI (--print_config shows the config)
+    scale validate --config configs/smoke.yaml --ckpt_path last          validation loss per part, in-loop retrieval mAP@10
     scale demo-data --out DIR --products N --seed S                      demo products as real media files
     scale shards --src RAW --out DIR [--processes N]                     a release -> tar shards (restartable)
     scale corrupt --src RAW --out DIR --modalities text --kind swap --rate 0.5   robustness settings
@@ -52,6 +53,12 @@ def build_cli(args: list[str] | None = None, run: bool = True):
     from scale.module import SCALEModule
 
     class SCALECLI(LightningCLI):
+        @staticmethod
+        def subcommands() -> dict[str, set[str]]:
+            # `test` and `predict` are not offered: pretraining has no test step, and embeddings for
+            # downstream use come from `scale evaluate` / `scale.load_pretrained(...).embed(batch)`.
+            return {name: keys for name, keys in LightningCLI.subcommands().items() if name in ("fit", "validate")}
+
         def add_arguments_to_parser(self, parser) -> None:
             # One source of truth for input shapes: the data module decodes what the model expects.
             parser.link_arguments("model.config", "data.model_config", apply_on="parse")

@@ -13,7 +13,11 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from scale import rng_state
 from scale.config import ModelConfig, OptimizerConfig, _from_dict
+from scale.metrics import retrieval_metrics
 from scale.model import SCALE
+
+VALIDATION_SEED = 20_240_601
+"""The masks of every validation run are drawn from this seed (then training's generators are restored)."""
 
 
 class SCALEModule(L.LightningModule):
@@ -43,6 +47,40 @@ class SCALEModule(L.LightningModule):
         for modality in self.model.modalities:
             self.log(f"data/present_{modality}", batch[modality]["present"].float().mean(), batch_size=size)
         return losses["loss"]
+
+    # ---- validation: the loss per part and in-loop retrieval on held-out shards ---------------------
+    def on_validation_epoch_start(self) -> None:
+        # Validation draws its masks from a fixed seed and hands the generators back as they were:
+        # training is bitwise the same with or without validation, and every validation loss is
+        # measured with the same masks.
+        self._training_rng = rng_state.collect()
+        torch.manual_seed(VALIDATION_SEED)  # CUDA too
+        self._validation_embeddings: list[tuple[torch.Tensor, torch.Tensor, list[str]]] = []
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        size = len(batch["key"])
+        losses = self.model.losses(self.model(batch, masked_modeling=True))
+        self.log_dict({f"val/{k}": v for k, v in losses.items()}, batch_size=size, sync_dist=True)
+        embedding = self.model.embed(batch)["contrastive"]  # unmasked, as `scale evaluate` sees it
+        self._validation_embeddings.append((embedding.float().cpu(), batch["category"].cpu(), list(batch["instance"])))
+
+    def on_validation_epoch_end(self) -> None:
+        parts = self._validation_embeddings
+        if self.trainer.world_size > 1:
+            # Local sizes differ by up to one at the end of an exact epoch: gather as objects.
+            gathered: list[Any] = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(gathered, parts)
+            parts = [part for rank_parts in gathered for part in rank_parts]
+        if sum(len(p[1]) for p in parts) > 10:  # mAP@10 needs 10 others per query
+            embeddings = torch.cat([p[0] for p in parts])
+            labels = {"coarse": torch.cat([p[1] for p in parts]), "fine": [i for p in parts for i in p[2]]}
+            for kind, label in labels.items():
+                # Every rank holds the same gathered set and computes the same value: no sync.
+                result = retrieval_metrics(embeddings, label, ks=(10,))
+                if result["queries"] > 0:  # some query has a positive (not so for fine on unique products)
+                    self.log(f"val/{kind}_map@10", result["map@10"])
+        self._validation_embeddings = []
+        rng_state.restore(self._training_rng)
 
     def configure_optimizers(self):
         from scale.optim import build_optimizer
