@@ -51,6 +51,7 @@ def build_cli(args: list[str] | None = None, run: bool = True):
     from callbacks.requeue import SlurmRequeue
     from datamodules.m5product import M5ProductDataModule
     from scale.module import SCALEModule
+    from scale.strategies import check_hardware
 
     class SCALECLI(LightningCLI):
         @staticmethod
@@ -65,6 +66,7 @@ def build_cli(args: list[str] | None = None, run: bool = True):
 
         def before_instantiate_classes(self) -> None:
             config = self.config[self.subcommand] if self.subcommand else self.config
+            check_hardware(config.trainer.accelerator, config.trainer.strategy)  # one line, not a traceback
             # bf16 autocast on GPU, full precision on CPU, unless the config says otherwise.
             if config.trainer.precision is None:
                 config.trainer.precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
@@ -80,7 +82,9 @@ def build_cli(args: list[str] | None = None, run: bool = True):
                 # Preemption is handled at step boundaries (callbacks/requeue.py), not by Lightning's
                 # handler, which saves mid-step from inside the signal handler.
                 init = self._get(self.config_init, "trainer")
-                init["callbacks"] = [*(init.get("callbacks") or []), SlurmRequeue()]
+                callbacks = init.get("callbacks") or []
+                if not any(isinstance(c, SlurmRequeue) for c in callbacks):  # not twice if configured
+                    init["callbacks"] = [*callbacks, SlurmRequeue()]
                 plugins = init.get("plugins") or []
                 plugins = plugins if isinstance(plugins, list) else [plugins]
                 if not any(isinstance(p, SLURMEnvironment) for p in plugins):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import safetensors.torch
 import torch
@@ -26,12 +27,73 @@ from scale.pretrained_paths import load_tokenizer, resolve
 EXPORT_FORMAT = "scale-export/1"
 
 
-def load_checkpoint_model(ckpt: str | Path) -> SCALE:
-    """The SCALE model inside a Lightning checkpoint (read with weights_only=True: no code runs)."""
+def read_checkpoint(ckpt: str | Path) -> dict[str, Any]:
+    """The state_dict and hyper_parameters of a checkpoint in any of the formats `scale fit` writes:
+
+    - a Lightning checkpoint file (DDP, one process, FSDP with `sharded_checkpoint: false`);
+    - an FSDP sharded folder (`torch.distributed.checkpoint` shards + `meta.pt`), consolidated in CPU
+      memory without a process group;
+    - a DeepSpeed ZeRO folder (`latest`, `checkpoint/mp_rank_00_model_states.pt`, one optimizer
+      shard per rank), converted to fp32 weights with DeepSpeed's own `zero_to_fp32`.
+
+    Files are read with weights_only=True (no code runs); DeepSpeed's converter unpickles its files
+    itself, so each is first proven to load as plain data.
+    """
     ckpt = Path(ckpt)
-    if not ckpt.is_file():
+    if ckpt.is_file():
+        return torch.load(ckpt, map_location="cpu", weights_only=True)
+    if not ckpt.is_dir():
         raise FileNotFoundError(f"export --ckpt: {ckpt} not found")
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    if (ckpt / ".metadata").is_file() and (ckpt / "meta.pt").is_file():
+        from lightning.fabric.utilities.load import _load_distributed_checkpoint
+
+        return _load_distributed_checkpoint(ckpt)
+    if (ckpt / "latest").is_file():
+        return _read_deepspeed(ckpt)
+    raise ValueError(f"export --ckpt: {ckpt} is a folder but neither an FSDP sharded checkpoint "
+                     "(.metadata + meta.pt) nor a DeepSpeed one (latest)")  # fmt: skip
+
+
+DEEPSPEED_DATA_CLASSES = frozenset({
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+})  # fmt: skip
+"""The classes a DeepSpeed ZeRO checkpoint may pickle besides tensors and containers (seen in 0.19)."""
+
+
+def _read_deepspeed(folder: Path) -> dict[str, Any]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    tag = (folder / "latest").read_text().strip()
+    files = sorted((folder / tag).glob("*.pt"))
+    if not files:
+        raise ValueError(f"export --ckpt: {folder / tag} holds no DeepSpeed state files")
+    for file in files:
+        # DeepSpeed pickles a few of its own plain-data classes (loss scaler, ZeRO stage enum,
+        # fragment addresses); anything else (a function, another package's class) is refused.
+        unexpected = [name for name in torch.serialization.get_unsafe_globals_in_checkpoint(file)
+                      if name not in DEEPSPEED_DATA_CLASSES]  # fmt: skip
+        if unexpected:
+            raise ValueError(f"export --ckpt: {file} pickles {', '.join(unexpected)}: refused to unpickle it")
+    # Lightning's client state (hyper_parameters, ...) is in the model-states file: one
+    # `mp_rank_00_model_states.pt` up to ZeRO-2, one `zero_pp_rank_<r>_mp_rank_00_model_states.pt`
+    # per rank under ZeRO-3 (each holds the whole client state).
+    states = sorted((folder / tag).glob("*mp_rank_00_model_states.pt"))
+    if not states:
+        raise ValueError(f"export --ckpt: {folder / tag} holds no DeepSpeed model-states file")
+    client = torch.load(states[0], map_location="cpu", weights_only=True)
+    weights = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
+    # Lightning's DeepSpeed strategy saves the LightningModule's parameters, named `model.<...>`
+    # as in a plain checkpoint, after DeepSpeed's own `module.` prefix where present.
+    weights = {k.removeprefix("_forward_module.").removeprefix("module."): v for k, v in weights.items()}
+    return {"state_dict": weights, "hyper_parameters": client["hyper_parameters"]}
+
+
+def load_checkpoint_model(ckpt: str | Path) -> SCALE:
+    """The SCALE model inside a checkpoint of any format `read_checkpoint` reads (no code runs)."""
+    state = read_checkpoint(ckpt)
     config = ModelConfig.from_dict(state["hyper_parameters"]["config"])
     model = SCALE(config, load_weights=False)
     weights = {k.removeprefix("model."): v for k, v in state["state_dict"].items() if k.startswith("model.")}
@@ -76,7 +138,7 @@ def load_pretrained(directory: str | Path, device: str | torch.device = "cpu") -
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ckpt", required=True, help="Lightning checkpoint (.ckpt)")
+    parser.add_argument("--ckpt", required=True, help="checkpoint: a Lightning .ckpt file, an FSDP sharded folder or a DeepSpeed ZeRO folder")
     parser.add_argument("--out", required=True, help="export folder")
 
 
@@ -85,4 +147,4 @@ def run(args: argparse.Namespace) -> None:
     print(f"exported {args.ckpt} -> {out}")
 
 
-__all__ = ["export_model", "load_checkpoint_model", "load_pretrained", "resolve"]
+__all__ = ["export_model", "load_checkpoint_model", "load_pretrained", "read_checkpoint", "resolve"]

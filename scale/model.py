@@ -20,16 +20,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.models.vision_transformer import Block
 from torch import Tensor, nn
+from transformers.models.bert.modeling_bert import BertLayer
 
 from scale.config import ModelConfig
 from scale.fusion import Fusion
 from scale.harmonization import harmonization_weights, pair_mask, rescale_to_unit_mean
 from scale.losses import contrastive_loss
 from scale.modalities import Masked, build_modalities
+
+TRANSFORMER_BLOCKS: tuple[type[nn.Module], ...] = (Block, BertLayer)
+"""The repeated layers of every trunk (timm blocks: image, video, audio, fusion; BERT layers: text
+and table): the units FSDP shards and activation checkpointing recomputes (`scale/strategies.py`)."""
 
 Batch = dict[str, dict[str, Tensor]]
 
@@ -79,7 +86,21 @@ class SCALE(nn.Module):
     def modalities(self) -> list[str]:
         return list(self.encoders)
 
-    def forward(self, batch: Batch, masked_modeling: bool = False) -> SCALEOutput:
+    def forward(self, batch: Batch, masked_modeling: bool = False, returns: str = "outputs") -> Any:
+        """The encoders and fusion over a batch; `returns` "outputs" (SCALEOutput), "losses"
+        (`losses(outputs)`) or "embeddings" (`embed`). The training and evaluation steps ask for
+        losses or embeddings through this one call: a sharded model (FSDP) gathers its root
+        parameters (heads, projections) only for the duration of `forward`."""
+        output = self._encode_and_fuse(batch, masked_modeling)
+        if returns == "losses":
+            return self.losses(output)
+        if returns == "embeddings":
+            return self._embeddings(output)
+        if returns != "outputs":
+            raise ValueError(f"SCALE.forward returns={returns!r}: expected outputs, losses or embeddings")
+        return output
+
+    def _encode_and_fuse(self, batch: Batch, masked_modeling: bool) -> SCALEOutput:
         present = {name: batch[name]["present"].bool() for name in self.encoders}
         encoded, masked = {}, {}
         for name, modality in self.encoders.items():
@@ -155,7 +176,9 @@ class SCALE(nn.Module):
         - `contrastive`: the sum of the present modalities' `<m>/projection`, the space the
           contrastive loss shapes (the default retrieval embedding of `scale evaluate`).
         """
-        output = self.forward(batch, masked_modeling=False)
+        return self(batch, masked_modeling=False, returns="embeddings")
+
+    def _embeddings(self, output: SCALEOutput) -> dict[str, Tensor]:
         embeddings: dict[str, Tensor] = {}
         fused, contrastive = 0.0, 0.0
         for name in self.modalities:

@@ -38,9 +38,15 @@ class SCALEModule(L.LightningModule):
         self.save_hyperparameters({"config": asdict(self.config), "optimizer": asdict(self.optimizer_config)})
         self.model = SCALE(self.config)
 
+    def configure_model(self) -> None:
+        # Strategies that shard the model (FSDP: scale/strategies.py) do it here, before the
+        # optimizer is built over the sharded parameters.
+        shard = getattr(self.trainer.strategy, "shard_model", None)
+        if shard is not None:
+            shard(self.model)
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        output = self.model(batch, masked_modeling=True)
-        losses = self.model.losses(output)
+        losses = self.model(batch, masked_modeling=True, returns="losses")
         size = len(batch["key"])
         self.log("train/loss", losses["loss"], prog_bar=True, batch_size=size)
         self.log_dict({f"train/{k}": v for k, v in losses.items() if k != "loss"}, batch_size=size)
@@ -59,7 +65,7 @@ class SCALEModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         size = len(batch["key"])
-        losses = self.model.losses(self.model(batch, masked_modeling=True))
+        losses = self.model(batch, masked_modeling=True, returns="losses")
         self.log_dict({f"val/{k}": v for k, v in losses.items()}, batch_size=size, sync_dist=True)
         embedding = self.model.embed(batch)["contrastive"]  # unmasked, as `scale evaluate` sees it
         self._validation_embeddings.append((embedding.float().cpu(), batch["category"].cpu(), list(batch["instance"])))
