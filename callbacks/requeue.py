@@ -60,6 +60,11 @@ class SlurmRequeue(L.Callback):
             self._previous_handler = None
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        # Only at optimizer-step boundaries: a save inside a gradient-accumulation window would lose
+        # the window's accumulated gradients (all ranks accumulate in step, so all skip alike).
+        should_accumulate = getattr(trainer.fit_loop.epoch_loop, "_should_accumulate", None)
+        if should_accumulate is not None and should_accumulate():
+            return
         # Every rank takes part in the reduction at every step; a flag is one small all-reduce.
         flag = torch.tensor(float(self._signalled), device=trainer.strategy.root_device)
         if trainer.strategy.reduce(flag, reduce_op="max").item() == 0:
@@ -69,9 +74,13 @@ class SlurmRequeue(L.Callback):
         self._save_last(trainer)  # every rank: sharded strategies write their part
         if self.requeue and trainer.is_global_zero:
             job = slurm_job_id()
-            result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-            if result.returncode != 0:
-                rank_zero_warn(f"scontrol requeue {job} failed ({result.stderr.strip()}): resume by hand with --ckpt_path last")
+            try:
+                result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+                error = result.stderr.strip() if result.returncode != 0 else None
+            except (OSError, subprocess.TimeoutExpired) as exc:  # no scontrol on the node, controller down
+                error = str(exc)
+            if error is not None:
+                rank_zero_warn(f"scontrol requeue {job} failed ({error}): resume by hand with --ckpt_path last")
         trainer.should_stop = True
 
     @staticmethod
@@ -80,6 +89,17 @@ class SlurmRequeue(L.Callback):
         second copy at the end), where `--ckpt_path last` looks."""
         for callback in trainer.checkpoint_callbacks:
             if isinstance(callback, ModelCheckpoint) and callback.save_last:
-                callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
+                # `save_last="link"` would point last.ckpt at the newest *earlier* checkpoint: this
+                # step is saved as a real file (a link there is removed first, not written through).
+                candidates = callback._monitor_candidates(trainer)
+                path = callback.format_checkpoint_name(candidates, callback.CHECKPOINT_NAME_LAST)
+                if trainer.is_global_zero and os.path.islink(path):
+                    os.unlink(path)
+                trainer.strategy.barrier("SlurmRequeue.save_last")
+                mode, callback.save_last = callback.save_last, True
+                try:
+                    callback._save_last_checkpoint(trainer, candidates)
+                finally:
+                    callback.save_last = mode
                 return
         trainer.save_checkpoint(str(Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"))

@@ -4,7 +4,7 @@
 #
 #   scripts/local_slurm.sh install   Debian's slurm-wlm and munge (idempotent; needs root)
 #   scripts/local_slurm.sh start     munged, slurmctld and slurmd on localhost (rerunnable)
-#   scripts/local_slurm.sh stop      stop the three daemons, remove the state folder
+#   scripts/local_slurm.sh stop      stop the daemons it started (by pid file), remove the state folder
 #   scripts/local_slurm.sh status    sinfo
 #
 # No systemd and no cgroups (containers have neither): processes are tracked by parent pid
@@ -89,6 +89,7 @@ start() {
         else
             /usr/sbin/munged --force
         fi
+        touch "$STATE/munged.started"  # `stop` stops only a munged this script started
     fi
     running slurmctld || /usr/sbin/slurmctld -f "$CONF"
     running slurmd || /usr/sbin/slurmd -f "$CONF"
@@ -104,14 +105,25 @@ start() {
     exit 1
 }
 
-stop() {
-    for daemon in slurmd slurmctld munged; do
-        pkill -x "$daemon" 2>/dev/null || true
-    done
+# Stop the daemon whose pid is in file $1 (by that pid, not by name): SIGTERM, then SIGKILL after 10 s.
+stop_pidfile() {
+    local pid
+    pid=$(cat "$1" 2>/dev/null) || return 0
+    [ -n "$pid" ] || return 0
+    kill "$pid" 2>/dev/null || return 0
     for _ in $(seq 40); do
-        running slurmd || running slurmctld || running munged || break
+        kill -0 "$pid" 2>/dev/null || return 0
         sleep 0.25
     done
+    kill -9 "$pid" 2>/dev/null || true
+}
+
+stop() {
+    stop_pidfile "$STATE/slurmd.pid"
+    stop_pidfile "$STATE/slurmctld.pid"
+    if [ -e "$STATE/munged.started" ]; then
+        stop_pidfile /run/munge/munged.pid
+    fi
     if [ "$(readlink /etc/slurm/slurm.conf 2>/dev/null)" = "$CONF" ]; then
         rm -f /etc/slurm/slurm.conf
     fi

@@ -4,7 +4,11 @@ and finishes exactly, and two launches posing as two nodes split the data exactl
 
 The template is edited as a user edits it for this cluster: no GPUs, 2 tasks of 1 CPU, logs in the
 test's folder. `CONFIG=` picks the tiny test model (a `--config` after the template's own overrides
-would set `trainer.devices` back to the YAML's 1)."""
+would set `trainer.devices` back to the YAML's 1).
+
+The last tests check callbacks/requeue.py in one process, without a cluster: it saves at an optimizer-
+step boundary (after an accumulation window, never inside one), as a real file even with
+`save_last="link"`, and does nothing outside SLURM."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +24,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import yaml
@@ -43,9 +49,12 @@ def cluster():
     if reason:
         pytest.skip(reason)
     subprocess.run([str(SCRIPT), "install"], check=True, timeout=900)
+    # A cluster already up (`make slurm-up`, another test session) is used and left running.
+    already_up = subprocess.run(["sinfo", "-h"], capture_output=True).returncode == 0
     subprocess.run([str(SCRIPT), "start"], check=True, timeout=120, capture_output=True)
     yield
-    subprocess.run([str(SCRIPT), "stop"], timeout=120)
+    if not already_up:
+        subprocess.run([str(SCRIPT), "stop"], timeout=120)
 
 
 def user_template(tmp_path: Path) -> Path:
@@ -208,3 +217,69 @@ def test_two_nodes_split_the_data_exactly_once_per_epoch(demo_shards, tmp_path):
     total = sum(json.loads((demo_shards["train"] / "sizes.json").read_text()).values())
     assert_exact_epochs([read_keys(tmp_path, 0), read_keys(tmp_path, 1)], total)
     assert_ranks_agree(tmp_path)
+
+
+# --- SlurmRequeue in one process, without a cluster (fast) -----------------------------------------
+
+
+class _SignalAtStep(L.Callback):
+    """Sends this process SIGUSR1 at the start of the step with index `step` (what srun forwards)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        first_micro_batch = trainer.fit_loop.epoch_loop.batch_progress.current.ready == self.step * trainer.accumulate_grad_batches + 1
+        if trainer.global_step == self.step and first_micro_batch:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def _fit_with_requeue(tmp_path: Path, save_last, accumulate: int = 1, signal_step: int | None = 3):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from callbacks.requeue import SlurmRequeue
+
+    requeue = SlurmRequeue(requeue=False)
+    callbacks = [requeue, ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=save_last, every_n_train_steps=1)]
+    if signal_step is not None:
+        callbacks.append(_SignalAtStep(signal_step))
+    trainer = L.Trainer(default_root_dir=tmp_path, max_steps=10, accumulate_grad_batches=accumulate, callbacks=callbacks,
+                        logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")  # fmt: skip
+    trainer.fit(BoringModel())
+    return trainer, requeue
+
+
+@pytest.mark.parametrize("save_last", [True, "link"])
+def test_requeue_callback_saves_last_at_the_step_boundary(tmp_path, monkeypatch, save_last):
+    monkeypatch.setenv("SLURM_JOB_ID", "12345")
+    before = signal.getsignal(signal.SIGUSR1)
+    trainer, _ = _fit_with_requeue(tmp_path, save_last)
+    assert trainer.global_step == 4  # signalled during step index 3: that step completes, then stop
+    last = tmp_path / "ckpt" / "last.ckpt"
+    assert last.is_file() and not last.is_symlink()
+    assert torch.load(last, weights_only=True)["global_step"] == 4
+    assert signal.getsignal(signal.SIGUSR1) == before  # the handler is removed at teardown
+
+
+def test_requeue_callback_waits_for_the_end_of_an_accumulation_window(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "12345")
+    trainer, _ = _fit_with_requeue(tmp_path, True, accumulate=2, signal_step=2)  # first micro-batch of step 3
+    assert trainer.global_step == 3
+    state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert state["global_step"] == 3
+    assert state["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["processed"] == 6
+
+
+def test_requeue_callback_does_nothing_outside_slurm(tmp_path, monkeypatch):
+    for name in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+        monkeypatch.delenv(name, raising=False)
+    before = signal.getsignal(signal.SIGUSR1)
+    seen = []
+    signal.signal(signal.SIGUSR1, lambda *a: seen.append(1))
+    try:
+        trainer, requeue = _fit_with_requeue(tmp_path, True)
+        assert trainer.global_step == 10 and seen == [1]  # the run's own handler got it, training went on
+        assert requeue._previous_handler is None
+    finally:
+        signal.signal(signal.SIGUSR1, before)
