@@ -189,9 +189,12 @@ class M5ProductDataModule(L.LightningDataModule):
         stream = ExactEpochStream(self.val_urls, self.val_sizes, decoder, self.val_batch_size, seed=self.seed,
                                   rank=rank, world=world, shuffle_shards=False)  # fmt: skip
         # Persistent workers: the held-out stream is the same at every validation, so the workers
-        # are started once per run, not once per validation.
+        # are started once per run, not once per validation. Its own generator: every iterator of a
+        # DataLoader draws a base seed, and Lightning starts it before the validation hooks fork the
+        # global generators (scale/module.py), so drawing it from torch's would shift training's
+        # masks and dropout (with in-process loading, or a first validation without a sanity check).
         return DataLoader(stream, batch_size=None, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          pin_memory=torch.cuda.is_available())  # fmt: skip
+                          pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(self.seed))  # fmt: skip
 
 
 def _first_samples(shards: str, limit: int | None) -> tuple[list[str], list[int]]:

@@ -20,6 +20,23 @@ VALIDATION_SEED = 20_240_601
 """The masks of every validation run are drawn from this seed (then training's generators are restored)."""
 
 
+def validation_retrieval(embeddings: torch.Tensor, categories: torch.Tensor, instances: list[str],
+                         k: int = 10) -> dict[str, float]:  # fmt: skip
+    """The in-loop retrieval metrics over the gathered held-out set, as `scale.metrics` computes them:
+    `val/coarse_map@k` (relevant = same category; unlabelled samples, category -1, are left out, or
+    they would all count as one category) and `val/fine_map@k` (same product instance). A metric is
+    left out when fewer than k + 1 samples carry its label or no query has a positive (fine
+    retrieval over products that are all distinct)."""
+    labelled = categories >= 0
+    out = {}
+    for kind, x, labels in (("coarse", embeddings[labelled], categories[labelled]), ("fine", embeddings, instances)):
+        if len(labels) > k:
+            result = retrieval_metrics(x, labels, ks=(k,))
+            if result["queries"] > 0:
+                out[f"val/{kind}_map@{k}"] = result[f"map@{k}"]
+    return out
+
+
 class SCALEModule(L.LightningModule):
     def __init__(self, config: ModelConfig | None = None, optimizer: OptimizerConfig | None = None):
         """
@@ -71,22 +88,24 @@ class SCALEModule(L.LightningModule):
         self._validation_embeddings.append((embedding.float().cpu(), batch["category"].cpu(), list(batch["instance"])))
 
     def on_validation_epoch_end(self) -> None:
-        parts = self._validation_embeddings
-        if self.trainer.world_size > 1:
-            # Local sizes differ by up to one at the end of an exact epoch: gather as objects.
-            gathered: list[Any] = [None] * self.trainer.world_size
-            torch.distributed.all_gather_object(gathered, parts)
-            parts = [part for rank_parts in gathered for part in rank_parts]
-        if sum(len(p[1]) for p in parts) > 10:  # mAP@10 needs 10 others per query
-            embeddings = torch.cat([p[0] for p in parts])
-            labels = {"coarse": torch.cat([p[1] for p in parts]), "fine": [i for p in parts for i in p[2]]}
-            for kind, label in labels.items():
-                # Every rank holds the same gathered set and computes the same value: no sync.
-                result = retrieval_metrics(embeddings, label, ks=(10,))
-                if result["queries"] > 0:  # some query has a positive (not so for fine on unique products)
-                    self.log(f"val/{kind}_map@10", result["map@10"])
-        self._validation_embeddings = []
-        rng_state.restore(self._training_rng)
+        try:
+            parts = self._validation_embeddings
+            if self.trainer.world_size > 1:
+                # Local sizes differ by up to one at the end of an exact epoch: gather as objects.
+                gathered: list[Any] = [None] * self.trainer.world_size
+                torch.distributed.all_gather_object(gathered, parts)
+                parts = [part for rank_parts in gathered for part in rank_parts]
+            if parts:
+                embeddings = torch.cat([p[0] for p in parts])
+                categories = torch.cat([p[1] for p in parts])
+                instances = [i for p in parts for i in p[2]]
+                for name, value in validation_retrieval(embeddings, categories, instances).items():
+                    # Every rank computed the same value from the same gathered set: "max" keeps it
+                    # exact (a mean of equal floats can round) and tells Lightning it is synced.
+                    self.log(name, value, sync_dist=True, reduce_fx="max")
+        finally:
+            self._validation_embeddings = []
+            rng_state.restore(self._training_rng)
 
     def configure_optimizers(self):
         from scale.optim import build_optimizer
