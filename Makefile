@@ -32,7 +32,7 @@ smoke-test: install
 	rm -rf $(SMOKE)
 	@start=$$(date +%s); \
 	$(MAKE) --no-print-directory smoke-data && \
-	$(VENV)/bin/scale fit --config configs/smoke.yaml && \
+	$(VENV)/bin/scale fit --config configs/smoke.yaml --data.val_shards $(SMOKE)/shards/eval && \
 	$(VENV)/bin/scale export --ckpt $(SMOKE)/checkpoints/last.ckpt --out $(SMOKE)/export && \
 	$(VENV)/bin/scale evaluate --model $(SMOKE)/export --data $(SMOKE)/shards/eval --compare-random --out $(SMOKE)/metrics.json && \
 	echo "smoke-test: $$(( $$(date +%s) - start )) s without install"

@@ -143,9 +143,10 @@ class M5ProductDataModule(L.LightningDataModule):
         the restore, and never again (asking early, before Lightning restored its loops, consumes
         nothing)."""
         trainer = self._trainer_or_none()
-        if trainer is None:
+        if trainer is None:  # iterated by hand: epochs count the loader's iterations
             epoch, self._epochs_started = self._epochs_started, self._epochs_started + 1
-            return epoch, 0
+            resume = self._resume
+            return epoch, int(resume["batches"]) if resume and resume.get("epoch") == epoch else 0
         epoch, resume = trainer.current_epoch, self._resume
         if resume and resume.get("epoch") == epoch and resume.get("step", trainer.global_step) == trainer.global_step:
             return epoch, int(resume["batches"])

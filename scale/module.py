@@ -58,7 +58,8 @@ class SCALEModule(L.LightningModule):
     def configure_model(self) -> None:
         # Strategies that shard the model (FSDP: scale/strategies.py) do it here, before the
         # optimizer is built over the sharded parameters.
-        shard = getattr(self.trainer.strategy, "shard_model", None)
+        trainer = self._trainer  # None when loaded outside a run (load_from_checkpoint)
+        shard = getattr(trainer.strategy, "shard_model", None) if trainer is not None else None
         if shard is not None:
             shard(self.model)
 
