@@ -75,9 +75,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         try:
             return super().load_checkpoint(path, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as error:
-            # torch's message is a page long; its first line names the offending global.
-            first = str(error).strip().splitlines()[0]
-            raise ValueError(f"{path}: not a plain checkpoint, refused to unpickle it ({first})") from None
+            raise ValueError(refused_to_unpickle(path, error)) from None
+
+
+def refused_to_unpickle(path: Any, error: pickle.UnpicklingError) -> str:
+    """One line for a checkpoint a weights-only load refused: torch's message is a page long, and
+    the line that names the offending global is the one worth keeping."""
+    lines = str(error).strip().splitlines()
+    reason = next((line for line in lines if "Unsupported global" in line), lines[0] if lines else "")
+    return f"{path}: not a plain checkpoint, refused to unpickle it ({reason.strip()})"
 
 
 class SCALECheckpoint(ModelCheckpoint):
@@ -117,4 +123,4 @@ class SCALECheckpoint(ModelCheckpoint):
         self._save_last_checkpoint(trainer, monitor_candidates)
 
 
-__all__ = ["AtomicCheckpointIO", "SCALECheckpoint", "atomic_torch_save"]
+__all__ = ["AtomicCheckpointIO", "SCALECheckpoint", "atomic_torch_save", "refused_to_unpickle"]

@@ -142,13 +142,13 @@ class M5ProductDataModule(L.LightningDataModule):
         applies while the trainer stands at the saved epoch *and* optimizer step, i.e. right after
         the restore, and never again (asking early, before Lightning restored its loops, consumes
         nothing)."""
-        trainer = self._trainer_or_none()
-        if trainer is None:  # iterated by hand: epochs count the loader's iterations
+        trainer, resume = self._trainer_or_none(), self._resume or {}
+        if trainer is None:  # iterated by hand: epochs count the loader's iterations, no step to match
             epoch, self._epochs_started = self._epochs_started, self._epochs_started + 1
-            resume = self._resume
-            return epoch, int(resume["batches"]) if resume and resume.get("epoch") == epoch else 0
-        epoch, resume = trainer.current_epoch, self._resume
-        if resume and resume.get("epoch") == epoch and resume.get("step", trainer.global_step) == trainer.global_step:
+            step = resume.get("step")
+        else:
+            epoch, step = trainer.current_epoch, trainer.global_step
+        if resume and resume.get("epoch") == epoch and resume.get("step", step) == step:
             return epoch, int(resume["batches"])
         return epoch, 0
 

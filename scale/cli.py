@@ -133,11 +133,11 @@ def main(argv: list[str] | None = None) -> None:
         except pickle.UnpicklingError as error:
             if os.environ.get("SCALE_DEBUG"):
                 raise
-            # LightningCLI reads --ckpt_path's hyperparameters itself (weights_only=True): a pickle
-            # that would run code is refused there, with torch's page-long explanation.
-            first = next((line for line in str(error).splitlines() if "Unsupported global" in line), "")
-            sys.exit(f"scale {args[0] if args else 'fit'}: error: --ckpt_path {_ckpt_path(args)}: not a plain "
-                     f"checkpoint, refused to unpickle it ({first.strip()})")  # fmt: skip
+            from callbacks.checkpoint import refused_to_unpickle
+
+            # LightningCLI reads --ckpt_path's hyperparameters itself (weights_only=True), before
+            # the trainer and its checkpoint IO exist: a pickle that would run code is refused there.
+            sys.exit(f"scale {args[0] if args else 'fit'}: error: --ckpt_path {refused_to_unpickle(_ckpt_path(args), error)}")
         except DataErrorRateExceeded as error:
             if os.environ.get("SCALE_DEBUG"):
                 raise
