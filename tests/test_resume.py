@@ -53,13 +53,15 @@ def fit_until_killed(config: Path, log: Path, step: int) -> None:
     process = subprocess.Popen([sys.executable, "-m", "scale.cli", "fit", "--config", str(config)], cwd=ROOT,
                                env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)  # fmt: skip
-    deadline = time.time() + 300
-    while not any(r["step"] == step for r in read_log(log)):
-        assert process.poll() is None, process.stderr.read()[-3000:]
-        assert time.time() < deadline, f"the run did not reach step {step}"
-        time.sleep(0.3)
-    os.killpg(process.pid, signal.SIGKILL)  # no chance to clean up, as on a node failure
-    process.wait()
+    # No wall-clock limit here (a loaded CI machine is slow, not wrong): a run that dies fails at
+    # once, one that hangs is stopped by pytest's timeout (setup.cfg), and killed in any case.
+    try:
+        while not any(r["step"] == step for r in read_log(log)):
+            assert process.poll() is None, process.stderr.read()[-3000:]
+            time.sleep(0.3)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # no chance to clean up, as on a node failure
+        process.wait()
 
 
 def final_state(run: Path) -> dict:

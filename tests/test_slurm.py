@@ -107,9 +107,11 @@ def job_field(job: str, field: str) -> str:
     return match.group(1) if match else ""
 
 
-def wait_for(job: str, tmp_path: Path, timeout: float = 400) -> str:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
+def wait_for(job: str) -> str:
+    """The job's final state. No wall-clock limit (a loaded CI machine is slow, not wrong): a job
+    that never ends is stopped by pytest's timeout (setup.cfg), and the cluster fixture's teardown
+    stops the daemons and with them the job."""
+    while True:
         state = job_field(job, "JobState")
         if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
             return state
@@ -117,8 +119,6 @@ def wait_for(job: str, tmp_path: Path, timeout: float = 400) -> str:
             # SLURM holds a requeued job back for a while (BeginTime); start it now.
             subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
         time.sleep(1)
-    subprocess.run(["scancel", job])
-    pytest.fail(f"job {job} did not finish: {job_field(job, 'JobState')}\n{job_log(tmp_path, job)[-3000:]}")
 
 
 def job_log(tmp_path: Path, job: str) -> str:
@@ -151,7 +151,7 @@ def assert_exact_epochs(logs: list[list[dict]], total: int) -> None:
 @pytest.mark.slow
 def test_sbatch_two_task_ddp_trains_and_exports(cluster, demo_shards, tmp_path):
     job = submit(user_template(tmp_path), overrides(tmp_path, demo_shards["train"], "resampled", []))
-    assert wait_for(job, tmp_path) == "COMPLETED", job_log(tmp_path, job)[-3000:]
+    assert wait_for(job) == "COMPLETED", job_log(tmp_path, job)[-3000:]
     log = job_log(tmp_path, job)
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in log  # Lightning took rank and world size from SLURM
     assert [r["step"] for r in read_keys(tmp_path, 0)] == [r["step"] for r in read_keys(tmp_path, 1)] == [1, 2, 3, 4, 5, 6]
@@ -172,14 +172,12 @@ def test_sbatch_two_task_ddp_trains_and_exports(cluster, demo_shards, tmp_path):
 def test_preempted_job_saves_requeues_and_finishes_exactly(cluster, demo_shards, tmp_path):
     slow = [{"class_path": "tests.stall.SlowSteps", "init_args": {"seconds": 0.7}}]
     job = submit(user_template(tmp_path), overrides(tmp_path, demo_shards["train"], "exact", slow))
-    deadline = time.time() + 300
-    while len(read_keys(tmp_path, 0)) < 3:  # mid-epoch 0 (5 steps per epoch)
+    while len(read_keys(tmp_path, 0)) < 3:  # mid-epoch 0 (5 steps per epoch); a hang: pytest's timeout
         assert job_field(job, "JobState") in ("PENDING", "RUNNING", "CONFIGURING"), job_log(tmp_path, job)[-3000:]
-        assert time.time() < deadline, "the job did not reach step 3"
         time.sleep(0.3)
     # What `#SBATCH --signal=SIGUSR1@90` does before the time limit, sent now: to every task.
     subprocess.run(["scancel", "--signal=USR1", job], check=True)
-    assert wait_for(job, tmp_path) == "COMPLETED", job_log(tmp_path, job)[-3000:]
+    assert wait_for(job) == "COMPLETED", job_log(tmp_path, job)[-3000:]
 
     log = job_log(tmp_path, job)
     assert job_field(job, "Restarts") == "1", "the job was not requeued"
