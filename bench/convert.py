@@ -25,8 +25,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datamodules import demo  # noqa: E402
-from datamodules.shards import SIZES_FILE, write_shards  # noqa: E402
+from datamodules.shards import write_shards  # noqa: E402
 from datamodules.sources import FILE_FIELDS  # noqa: E402
+from scale.shard_format import SIZES_FILE  # noqa: E402
 
 
 def release(raw: Path, products: int, workers: int) -> list[dict]:

@@ -311,8 +311,8 @@ class Direct:
 
     def table(self, sample):
         # The tokenizer call and the [CLS] k v ... [SEP] layout, as the pipeline does them.
-        from datamodules.decode import tokenize_table
-        from datamodules.sources import parse_table
+        from scale.modalities.table import tokenize_table
+        from scale.shard_format import parse_table
 
         config = self.config.table
         pairs = parse_table(json.loads(sample["json"])["table"])[: config.max_pairs]
@@ -374,7 +374,7 @@ def video_pyav_seek(data: bytes, frames: int, size: int) -> np.ndarray:
     """The pipeline's PyAV reader called in-process, without the helper process or header limits:
     demux once for timestamps and keyframes, then per wanted frame seek to its keyframe (unless it
     is reached by decoding on) and decode forward to it."""
-    from datamodules.video_reader import decode_frames
+    from scale.media.video import decode_frames
 
     return decode_frames(data, frames, size, backend="pyav")
 

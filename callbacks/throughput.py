@@ -6,16 +6,16 @@ from typing import Any
 
 from lightning.pytorch.callbacks import ThroughputMonitor
 
-from scale.config import MODALITIES
-
 
 def batch_size(batch: dict[str, Any]) -> int:
     return len(batch["key"])
 
 
 def batch_tokens(batch: dict[str, Any]) -> int:
-    """Real text and table tokens (the one length that varies per sample)."""
-    return sum(int(batch[m]["attention_mask"].sum()) for m in ("text", "table") if m in batch and m in MODALITIES)
+    """Real tokens of the modalities with an `attention_mask` (text and table: the one length that
+    varies per sample)."""
+    return sum(int(inputs["attention_mask"].sum()) for inputs in batch.values()
+               if isinstance(inputs, dict) and "attention_mask" in inputs)  # fmt: skip
 
 
 class SCALEThroughput(ThroughputMonitor):

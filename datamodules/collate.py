@@ -1,18 +1,12 @@
-"""Decoded samples -> a batch: per modality, stacked tensors plus a (B,) `present` mask.
+"""Decoded samples -> a batch: per modality, its stem's tensors stacked, plus a (B,) `present` mask.
 
-    batch = {
-        "key": [str], "instance": [str], "category": LongTensor (B,),
-        "text":  {"input_ids", "attention_mask", "present"},
-        "table": {"input_ids", "attention_mask", "entity_index", "entity_role", "present"},
-        "image": {"pixels" (B,3,S,S), "present"}
-              or, with image.stem=regions, {"regions" (B,R,2048), "boxes" (B,R,5), "region_mask", "present"},
-        "video": {"frames" (B,T,3,S,S), "present"}
-              or, with video.stem=features, {"features" (B,T,1024), "frame_mask", "present"},
-        "audio": {"fbank" (B,frames,mel), "length" (B,), "present"},   (both stems)
-    }
+    batch = {"key": [str], "instance": [str], "category": LongTensor (B,),
+             <modality>: {<each key its stem's `tensors` declares>: (B, *shape), "present": (B,) bool}, ...}
 
-Every decoded sample carries every configured modality with fixed shapes (zeros when absent), so
-any pattern of missing modalities collates to the same shapes.
+The per-modality layout is declared once, by each stem (`scale/modalities/<name>.py`, `tensors`);
+`scale.modalities.batch_layout(config)` lists it for a config. Every decoded sample carries every
+configured modality with those fixed shapes (the placeholder when absent), so any pattern of
+missing modalities collates to the same shapes.
 """
 
 from __future__ import annotations
@@ -20,8 +14,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-
-from scale.config import MODALITIES
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -32,7 +24,7 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "instance": [s["instance"] for s in samples],
         "category": torch.tensor([s["category"] for s in samples], dtype=torch.long),
     }
-    for modality in MODALITIES:
-        if modality in samples[0]:
-            batch[modality] = {name: torch.stack([s[modality][name] for s in samples]) for name in samples[0][modality]}
+    for name, first in samples[0].items():
+        if isinstance(first, dict):  # a modality: its tensors and `present`
+            batch[name] = {key: torch.stack([s[name][key] for s in samples]) for key in first}
     return batch

@@ -21,10 +21,11 @@ import io
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from datamodules.sources import FIELDS, TEXT_FIELDS, format_table  # the one field table (shared with the converter)
+from datamodules.sources import FIELD_TABLE, FIELDS, TEXT_FIELDS  # the one field table (shared with the converter)
 from scale.config import MODALITIES
 
 KINDS = ("missing", "swap", "noise")
@@ -35,11 +36,13 @@ def has_modality(product: dict, modality: str) -> bool:
     return any(product.get(f) for f in FIELDS[modality])
 
 
-def _noise_text(rng: random.Random, table: bool) -> str:
+def _noise_record(name: str, rng: random.Random) -> Any:
+    """A noise value for a record field, made by the field (`RecordField.noise`) from random words."""
     words = [rng.choice(NOISE_WORDS) for _ in range(rng.randint(4, 9))]
-    if table:
-        return format_table(zip(words[::2], words[1::2]))
-    return " ".join(words)
+    noise = FIELD_TABLE[name][1].noise
+    if noise is None:
+        raise ValueError(f"corrupt --kind noise: the {name} field declares no noise")
+    return noise(words)
 
 
 def _noise_media(field: str, source: Path, out: Path, key: str, rng: np.random.Generator) -> str:
@@ -129,7 +132,7 @@ def corrupt(
         else:
             for f in FIELDS[modality]:
                 if f in TEXT_FIELDS:
-                    product[f] = _noise_text(rng, table=f == "table")
+                    product[f] = _noise_record(f, rng)
                 elif product.get(f):
                     product[f] = _noise_media(f, Path(product[f]), out, product["id"], noise_rng)
         product["corrupted"] = {**product.get("corrupted", {}), modality: kind}

@@ -68,9 +68,12 @@ from typing import Any
 import numpy as np
 
 from datamodules import demo_features
-from datamodules.sources import format_table
+from scale.modalities import BUILTIN
+from scale.shard_format import format_table
 
-MODALITIES: tuple[str, ...] = ("text", "table", "image", "video", "audio")
+MODALITIES: tuple[str, ...] = BUILTIN
+"""The modalities the demo renders: M5Product's five (a plugin modality adds its own field to the
+products, see `tests/test_sixth_modality.py`)."""
 CONFUSION = 0.25
 """Chance that one modality of one product shows a random other category's cues."""
 

@@ -29,9 +29,9 @@ from torch.utils.data import DataLoader
 
 from datamodules.decode import SampleDecoder
 from datamodules.limits import DataLimits
-from datamodules.shards import list_shards
 from datamodules.streams import ExactEpochStream, ResampledStream, plan_epoch, shard_sizes
 from scale.config import ModelConfig
+from scale.shard_format import list_shards
 
 MODES = ("resampled", "exact")
 

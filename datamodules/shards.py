@@ -1,15 +1,16 @@
-"""An M5Product release -> webdataset tar shards, resumable and parallel; and shard-set discovery.
+"""An M5Product release -> webdataset tar shards, resumable and parallel (`scale shards`).
 
     scale shards --src RAW --out OUT [--layout auto|jsonl|official] [--max-count N] [--max-bytes N]
-                 [--processes N] [--meta FILE] [--image-dir image ...] [--no-audio-from-video] [--overwrite]
+                 [--processes N] [--meta FILE] [--image-dir image ...] [--no-derive] [--overwrite]
 
 Input: a release in either layout of `datamodules/sources.py` (the demo's meta.jsonl + media, or the
-official JSON + per-modality folders). Output, in OUT:
+official JSON + per-modality folders). Output, in OUT (the shard format: `scale/shard_format.py`):
 
     shard-000000.tar ...   samples `<key>.json` (id, title, table, category, ...) and, when usable,
-                           `<key>.jpg|.mp4|.wav|.mp3|.flac` and `<key>.regions.npy|.boxes.npy|
-                           .video.npy|.mel.npy`, copied byte for byte (the FLAC is audio taken from
-                           the video's sound track; see `datamodules/validate.py`)
+                           one member per file field of the modalities (`<key>.jpg|.png|.webp|.mp4|
+                           .wav|.mp3|.flac`, `<key>.regions.npy|.boxes.npy|.video.npy|.mel.npy`),
+                           copied byte for byte (a FLAC may be audio taken from the video's sound
+                           track; see `datamodules/validate.py`)
     sizes.json             {"shard-000000.tar": n_samples, ...} in shard order
     report.json            totals, products/s, counts of skipped products / dropped files per reason
     skipped.jsonl          one line per skipped product, dropped or cut field: id, modality, field,
@@ -43,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import glob
 import io
 import json
 import os
@@ -62,38 +62,20 @@ from pathlib import Path
 from stat import S_ISREG
 from typing import Any, Callable
 
-from braceexpand import braceexpand
-
 from datamodules.limits import DataLimits
-from datamodules.sources import DEFAULT_DIRS, FIELD_TABLE, LAYOUTS, BadRecord, open_source, iter_products, shard_extension
-from datamodules.validate import check_product, flac_bound, probe_audio_track, size_limit
+from datamodules.sources import DEFAULT_DIRS, FIELD_TABLE, LAYOUTS, BadRecord, iter_products, open_source, shard_extension
+from datamodules.validate import check_product, size_limit
+from scale.shard_format import RECORD_MEMBER, SIZES_FILE, brace_pattern, sample_key, shard_name
 
 MiB = 2**20
 DEFAULT_MAX_COUNT = 5000
 DEFAULT_MAX_BYTES = 512 * MiB
-SIZES_FILE = "sizes.json"
 REPORT_FILE = "report.json"
 SKIPPED_FILE = "skipped.jsonl"
 PROGRESS = "_progress"
 PLAN_VERSION = 1
 KILL_ENV = "SCALE_SHARDS_TEST_KILL_AFTER"
 """Tests only: SIGKILL the conversion's process group once this many shard records exist (a real crash)."""
-
-
-def sample_key(product_id: str) -> str:
-    """webdataset splits file names at the first dot: keys must not contain one (or a slash)."""
-    return re.sub(r"[./\\\s]", "_", product_id)
-
-
-def shard_name(index: int) -> str:
-    return f"shard-{index:06d}.tar"
-
-
-def brace_pattern(out: str | Path, shards: int) -> str:
-    """`OUT/shard-{000000..000041}.tar` (webdataset / braceexpand syntax) for `shards` shards."""
-    if shards == 1:
-        return f"{out}/{shard_name(0)}"
-    return f"{out}/shard-{{{0:06d}..{shards - 1:06d}}}.tar"
 
 
 def _member_bytes(name: str, size: int) -> int:
@@ -178,10 +160,10 @@ def _plan(source, out: Path, max_count: int, max_bytes: int, limits: DataLimits,
 def _entry(product, key: str, limits: DataLimits, missing: Counter) -> dict:
     """A product's manifest line: its JSON metadata and the files that exist within limits (`stat` only)."""
     entry: dict[str, Any] = {"id": product.id, "key": key, "meta": product.meta, "files": {}, "notes": []}
-    sizes = {"json": len(json.dumps(product.meta).encode())}
+    sizes = {RECORD_MEMBER: len(json.dumps(product.meta).encode())}
 
     def note(name: str, reason: str, detail: str) -> None:
-        entry["notes"].append({"id": product.id, "modality": FIELD_TABLE[name].modality, "field": name,
+        entry["notes"].append({"id": product.id, "modality": FIELD_TABLE[name][0], "field": name,
                                "reason": reason, "detail": detail, "action": "dropped"})
 
     for name, path in product.files.items():
@@ -191,21 +173,23 @@ def _entry(product, key: str, limits: DataLimits, missing: Counter) -> dict:
         except OSError:
             stat = None
         if stat is None or not S_ISREG(stat.st_mode):
-            missing[FIELD_TABLE[name].modality] += 1
+            missing[FIELD_TABLE[name][0]] += 1
             note(name, "not_found", f"{path}: no such file")
         elif extension is None:
             note(name, "unsupported_type", f"{path}: {Path(path).suffix or 'no suffix'} is not one of "
-                                           f"{', '.join(FIELD_TABLE[name].extensions)}")
+                                           f"{', '.join(FIELD_TABLE[name][1].extensions)}")
         elif stat.st_size > size_limit(name, limits):
             note(name, "too_large", f"{path}: {stat.st_size} bytes, over the {name} limit {size_limit(name, limits)}")
         else:
             entry["files"][name] = [path, extension]
             sizes[extension] = stat.st_size
-    if product.audio_from_video and "audio" not in entry["files"] and "video" in entry["files"]:
-        seconds = probe_audio_track(entry["files"]["video"][0])
-        if seconds is not None:  # reserve room for the FLAC so the byte bound holds
-            entry["audio_seconds"] = min(seconds + 1.0, limits.max_audio_seconds)
-            sizes["flac"] = flac_bound(entry["audio_seconds"])
+    for name in product.derive:  # a file made from another one: reserve its room, so the byte bound holds
+        derived = FIELD_TABLE[name][1].derive
+        if name not in entry["files"] and derived.source in entry["files"]:
+            budget = derived.probe(entry["files"][derived.source][0], limits)
+            if budget is not None:
+                entry.setdefault("derive", {})[name] = budget
+                sizes[derived.member] = derived.bound(budget)
     entry["sizes"] = sizes
     return entry
 
@@ -303,7 +287,7 @@ def _is_done(out: Path, name: str) -> bool:
 
 def write_shards(src: str | Path, out: str | Path, max_count: int = DEFAULT_MAX_COUNT, max_bytes: int = DEFAULT_MAX_BYTES,
                  *, processes: int = 1, layout: str = "auto", meta: str | Path | None = None,
-                 dirs: dict[str, str] | None = None, audio_from_video: bool = True, limits: DataLimits | None = None,
+                 dirs: dict[str, str] | None = None, derive: bool = True, limits: DataLimits | None = None,
                  overwrite: bool = False, log: Callable[[str], None] | None = None) -> dict:
     """Convert a release to shards in OUT (resuming a previous run of the same command); returns a
     summary: samples, shards, pattern, missing_media, skipped_products, dropped, seconds, report."""
@@ -311,7 +295,7 @@ def write_shards(src: str | Path, out: str | Path, max_count: int = DEFAULT_MAX_
         raise ValueError(f"shards: need --max-count >= 1, --max-bytes >= {tarfile.RECORDSIZE}, --processes >= 1")
     start = time.perf_counter()
     limits = limits or DataLimits()
-    source = open_source(src, layout, meta, dirs, audio_from_video)
+    source = open_source(src, layout, meta, dirs, derive)
     out = Path(out)
     (out / PROGRESS).mkdir(parents=True, exist_ok=True)
     with open(out / PROGRESS / "lock", "a") as lock:
@@ -375,7 +359,7 @@ def _finish(out: Path, source, plan: dict, written: list[dict], seconds: float) 
         "skipped_products": sum(counts.get("skipped", {}).values()),
         "skipped": dict(counts.get("skipped", {})), "dropped": dict(counts.get("dropped", {})),
         "cut": dict(counts.get("cut", {})), "kept_with_warning": dict(counts.get("kept", {})),
-        "audio_from_video": sum(counts.get("added", {}).values()),
+        "derived": dict(counts.get("added", {})),
         "missing_media": plan["missing_media"],
         "oversized_shards": [s["name"] for s in plan["shards"] if s["oversized"]],
         "empty_shards": [n for n, c in sizes.items() if c == 0],
@@ -388,24 +372,6 @@ def _finish(out: Path, source, plan: dict, written: list[dict], seconds: float) 
     _atomic_write(out / SIZES_FILE, json.dumps(sizes, indent=1).encode())
     _atomic_write(out / REPORT_FILE, json.dumps(summary, indent=1).encode())
     return summary
-
-
-# ------------------------------------------------------------------------------------- readers
-
-
-def list_shards(spec: str) -> list[str]:
-    """A shard folder (with `sizes.json` or `*.tar`), a brace pattern, or a glob -> shard paths."""
-    path = Path(spec)
-    if path.is_dir():
-        sizes = path / SIZES_FILE
-        names = list(json.loads(sizes.read_text())) if sizes.is_file() else sorted(p.name for p in path.glob("*.tar"))
-        shards = [str(path / name) for name in names]
-    else:
-        shards = [match for pattern in braceexpand(spec) for match in (sorted(glob.glob(pattern)) or [pattern])]
-        shards = [s for s in shards if Path(s).is_file()]
-    if not shards:
-        raise FileNotFoundError(f"shards {spec!r}: no shard found (not a folder with .tar files, nor a matching pattern)")
-    return shards
 
 
 # ----------------------------------------------------------------------------------------- CLI
@@ -432,8 +398,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, folder in DEFAULT_DIRS.items():
         a(f"--{name.replace('_', '-')}-dir", dest=f"{name}_dir", default=folder,
           help=f"official layout: folder of the {name} files (default {folder}/)")
-    a("--no-audio-from-video", dest="audio_from_video", action="store_false",
-      help="never take audio from a video's sound track")
+    a("--no-derive", dest="derive", action="store_false",
+      help="never make a missing file from another one (e.g. audio from a video's sound track)")
     a("--overwrite", action="store_true", help="replace a conversion of another source / settings in OUT")
 
 
@@ -441,7 +407,7 @@ def run(args: argparse.Namespace) -> None:
     dirs = {name: getattr(args, f"{name}_dir") for name in DEFAULT_DIRS}
     try:
         s = write_shards(args.src, args.out, args.max_count, args.max_bytes, processes=args.processes,
-                         layout=args.layout, meta=args.meta, dirs=dirs, audio_from_video=args.audio_from_video,
+                         layout=args.layout, meta=args.meta, dirs=dirs, derive=args.derive,
                          overwrite=args.overwrite, log=lambda line: print(line, flush=True))
     except BrokenProcessPool:
         sys.exit(f"scale shards: error: a shard-writing process died (out of memory? killed?); finished shards "

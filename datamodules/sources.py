@@ -18,19 +18,22 @@ Two layouts are read (`open_source` detects which, or takes `layout=`):
     SRC/image_regions/<id>.npy   SRC/image_boxes/<id>.npy  SRC/video_features/<id>.npy
     SRC/audio_mel/<id>.npy
 
-  ``pv`` becomes the sample's ``table`` and ``label`` its ``category`` (an int when it is one, as
-  the decoder expects; other labels are kept as they are); other keys are kept. A file that is not
-  in its folder means the product lacks it. The folder names are the defaults of `DEFAULT_DIRS`
-  (one per file field, named like it); `dirs=` / the `--<field>-dir` flags override them.
+  Each record field is read under its official name (``pv`` becomes the sample's ``table``) and
+  ``label`` becomes its ``category`` (an int when it is one, as the decoder expects; other labels
+  are kept as they are); other keys are kept. A file that is not in its folder means the product
+  lacks it. The folder names are the defaults of `DEFAULT_DIRS` (one per file field, named like
+  it); `dirs=` / the `--<field>-dir` flags override them.
 
-Audio from the video track: a product with a video but no audio file may take its audio from the
-video's sound track (`Product.audio_from_video`). In the official layout that is every product
-without an audio file. In the jsonl layout only a record with *no* ``audio`` key: ``"audio": null``
-says the audio is deliberately absent (`scale corrupt --kind missing` blanks audio that way while
-the video keeps its track), and must stay absent.
+Derived files: a modality may declare that a product without its file can have one made from
+another (audio from the video's sound track, `scale.modalities.base.Derived`), listed in
+`Product.derive`. In the official layout that is every product without such a file. In the jsonl
+layout only a record with *no* key for it: ``"audio": null`` says the audio is deliberately absent
+(`scale corrupt --kind missing` blanks audio that way while the video keeps its track), and must
+stay absent.
 
-`FIELD_TABLE` is the single statement of which metadata field carries which modality and which
-shard extension it gets; `scale corrupt` (`FIELDS`) and the converter both read it.
+`FIELD_TABLE` is the field table: which metadata field carries which modality, and how (a record
+field, or a file with its shard members), gathered from every registered modality's declarations;
+`scale corrupt` (`FIELDS`) and the converter both read it.
 """
 
 from __future__ import annotations
@@ -39,62 +42,32 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Iterator
 
-from scale.config import MODALITIES
+from scale.modalities import REGISTRY
+from scale.modalities.base import Field, FileField, RecordField
 
-TABLE_PAIR_SEPARATOR = "#;#"
-TABLE_KEY_VALUE_SEPARATOR = "#:#"
-
-
-def parse_table(table: str) -> list[tuple[str, str]]:
-    """M5Product's `key#:#value#;#key#:#value` -> [(key, value)]; malformed pairs are skipped."""
-    pairs = []
-    for item in table.split(TABLE_PAIR_SEPARATOR):
-        key, sep, value = item.partition(TABLE_KEY_VALUE_SEPARATOR)
-        if sep and key.strip() and value.strip():
-            pairs.append((key.strip(), value.strip()))
-    return pairs
-
-
-def format_table(pairs) -> str:
-    """[(key, value)] -> M5Product's table string."""
-    return TABLE_PAIR_SEPARATOR.join(f"{key}{TABLE_KEY_VALUE_SEPARATOR}{value}" for key, value in pairs)
-
-
-class FieldSpec(NamedTuple):
-    modality: str
-    extensions: dict[str, str]
-    """File suffix -> shard extension (webdataset field); empty for the text fields (in `<key>.json`)."""
-
-
-FIELD_TABLE: dict[str, FieldSpec] = {
-    "title": FieldSpec("text", {}),
-    "table": FieldSpec("table", {}),
-    "image": FieldSpec("image", {".jpg": "jpg", ".jpeg": "jpg"}),
-    "video": FieldSpec("video", {".mp4": "mp4"}),
-    "audio": FieldSpec("audio", {".wav": "wav", ".flac": "flac", ".mp3": "mp3"}),
-    "image_regions": FieldSpec("image", {".npy": "regions.npy"}),
-    "image_boxes": FieldSpec("image", {".npy": "boxes.npy"}),
-    "video_features": FieldSpec("video", {".npy": "video.npy"}),
-    "audio_mel": FieldSpec("audio", {".npy": "mel.npy"}),
+FIELD_TABLE: dict[str, tuple[str, Field]] = {
+    source.name: (spec.name, source) for spec in REGISTRY.values() for source in spec.fields
 }
-"""Metadata field -> modality and shard extensions, in shard member order (json, media, features)."""
-TEXT_FIELDS = ("title", "table")
-FILE_FIELDS = tuple(f for f in FIELD_TABLE if f not in TEXT_FIELDS)
-FEATURE_FIELDS = ("image_regions", "image_boxes", "video_features", "audio_mel")
-FIELDS: dict[str, tuple[str, ...]] = {m: tuple(f for f, s in FIELD_TABLE.items() if s.modality == m) for m in MODALITIES}
-"""Modality -> the metadata fields that carry it (media and pre-extracted features)."""
-AUDIO_FROM_VIDEO = "flac"
-"""Shard extension of audio taken from a video's sound track (16 kHz mono FLAC)."""
+"""Field name -> (modality, its declaration), from every registered modality, in registry order."""
+RECORD_FIELDS: tuple[RecordField, ...] = tuple(f for _, f in FIELD_TABLE.values() if isinstance(f, RecordField))
+TEXT_FIELDS: tuple[str, ...] = tuple(f.name for f in RECORD_FIELDS)
+"""The fields kept in the sample's JSON record (title, table)."""
+FILE_FIELDS: tuple[str, ...] = tuple(name for name, (_, f) in FIELD_TABLE.items() if isinstance(f, FileField))
+"""The fields that are files (media and features), each one shard member."""
+FIELDS: dict[str, tuple[str, ...]] = {m: tuple(f for f, (owner, _) in FIELD_TABLE.items() if owner == m) for m in REGISTRY}
+"""Modality -> the metadata fields that carry it (record fields, media and pre-extracted features)."""
+DERIVABLE: tuple[str, ...] = tuple(name for name in FILE_FIELDS if FIELD_TABLE[name][1].derive is not None)
+"""File fields the converter can make from another field's file (audio from a video's sound track)."""
 DEFAULT_DIRS: dict[str, str] = {f: f for f in FILE_FIELDS}
 """Official layout: file field -> folder under SRC (`image/`, `video/`, `audio/`, `image_regions/`, ...)."""
 LAYOUTS = ("auto", "jsonl", "official")
 
 
 def shard_extension(field_name: str, path: str | Path) -> str | None:
-    """The shard extension for a file of `field_name` at `path` (None: an unsupported file type)."""
-    return FIELD_TABLE[field_name].extensions.get(Path(path).suffix.lower())
+    """The shard member for a file of `field_name` at `path` (None: an unsupported file type)."""
+    return FIELD_TABLE[field_name][1].extensions.get(Path(path).suffix.lower())
 
 
 @dataclass
@@ -108,7 +81,8 @@ class Product:
     """Everything that goes into the sample's JSON (id, title, table, category, ...)."""
     files: dict[str, str] = field(default_factory=dict)
     """File field -> path (may not exist: the planner checks)."""
-    audio_from_video: bool = False
+    derive: tuple[str, ...] = ()
+    """File fields the converter may make from another field's file when the product has none."""
 
 
 @dataclass
@@ -129,7 +103,9 @@ class Source:
     root: Path
     """Media paths are relative to this folder."""
     dirs: dict[str, str]
-    audio_from_video: bool = True
+    derive: bool = True
+    """Make a product's missing file from another of its files where a modality can (audio from a
+    video's sound track)."""
 
     def fingerprint(self) -> dict[str, Any]:
         """What identifies this source for a restart: the metadata's bytes and how it is read."""
@@ -138,11 +114,11 @@ class Source:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
         return {"layout": self.layout, "meta": str(self.meta.resolve()), "meta_sha256": digest.hexdigest(),
-                "dirs": self.dirs if self.layout == "official" else None, "audio_from_video": self.audio_from_video}
+                "dirs": self.dirs if self.layout == "official" else None, "derive": self.derive}
 
 
 def open_source(src: str | Path, layout: str = "auto", meta: str | Path | None = None,
-                dirs: dict[str, str] | None = None, audio_from_video: bool = True) -> Source:
+                dirs: dict[str, str] | None = None, derive: bool = True) -> Source:
     """Resolve SRC (a folder, or the metadata file itself) to a `Source`, or fail with one line."""
     src = Path(src).absolute()  # the plan's manifests hold file paths: independent of the working directory
     if layout not in LAYOUTS:
@@ -172,7 +148,7 @@ def open_source(src: str | Path, layout: str = "auto", meta: str | Path | None =
         raise FileNotFoundError(f"shards --meta: {meta} not found")
     if layout == "auto":
         layout = "jsonl" if meta.suffix == ".jsonl" else "official"
-    return Source(layout, meta, src, {**DEFAULT_DIRS, **(dirs or {})}, audio_from_video)
+    return Source(layout, meta, src, {**DEFAULT_DIRS, **(dirs or {})}, derive)
 
 
 def iter_products(source: Source) -> Iterator[Product | BadRecord]:
@@ -204,7 +180,9 @@ def _jsonl(source: Source) -> Iterator[Product | BadRecord]:
             pid = str(record["id"])
             files = {f: str(source.root / str(record[f])) for f in FILE_FIELDS if record.get(f)}
             meta = {k: v for k, v in record.items() if k not in FILE_FIELDS}
-            yield Product(pid, where, meta, files, source.audio_from_video and "audio" not in record)
+            # A key present as null says the file is deliberately absent: never derive it.
+            derive = tuple(f for f in DERIVABLE if f not in record) if source.derive else ()
+            yield Product(pid, where, meta, files, derive)
 
 
 def _category(label: Any) -> Any:
@@ -232,16 +210,17 @@ def _official(source: Source) -> Iterator[Product | BadRecord]:
         if not pid or pid in (".", "..") or any(c in pid for c in "/\\\0"):
             yield BadRecord(where, "bad_record", f"{where}: the id is not usable as a file name", pid)
             continue
-        meta: dict[str, Any] = {"id": pid, "title": record.get("title", ""), "table": record.get("pv", "")}
+        meta: dict[str, Any] = {"id": pid, **{f.name: record.get(f.official, "") for f in RECORD_FIELDS}}
         if "label" in record:
             meta["category"] = _category(record["label"])
-        meta.update((k, v) for k, v in record.items() if k not in ("title", "pv", "label", "id"))
+        renamed = {f.official for f in RECORD_FIELDS} | {"label", "id"}
+        meta.update((k, v) for k, v in record.items() if k not in renamed)
         files = {}
         for f in FILE_FIELDS:
             folder = source.root / source.dirs[f]
-            for suffix in FIELD_TABLE[f].extensions:
+            for suffix in FIELD_TABLE[f][1].extensions:
                 path = folder / f"{pid}{suffix}"
                 if path.is_file():
                     files[f] = str(path)
                     break
-        yield Product(pid, where, meta, files, source.audio_from_video)
+        yield Product(pid, where, meta, files, DERIVABLE if source.derive else ())

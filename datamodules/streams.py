@@ -29,9 +29,7 @@ Bad shards do not stop a stream: a truncated or unreadable tar ends that shard's
 from __future__ import annotations
 
 import itertools
-import json
 import random
-import re
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,9 +40,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from datamodules.collate import collate
 from datamodules.decode import SampleDecoder
-from datamodules.shards import SIZES_FILE
-
-_MEMBER = re.compile(r"^((?:.*/|)[^./]+)\.([^/]+)$")  # "<key>.<field>", webdataset's split at the first dot
+from scale.shard_format import SIZES_FILE, read_size_index, split_member
 
 
 # ---- the shard index ----------------------------------------------------------------------------
@@ -58,8 +54,7 @@ def shard_sizes(urls: list[str]) -> list[int]:
     for url in urls:
         path = Path(url)
         if path.parent not in indexes:
-            index = path.parent / SIZES_FILE
-            indexes[path.parent] = json.loads(index.read_text()) if index.is_file() else {}
+            indexes[path.parent] = read_size_index(path.parent)
         count = indexes[path.parent].get(path.name)
         if count is None:
             if not path.is_file():
@@ -93,10 +88,10 @@ def read_samples(
             tar = tarfile.open(fileobj=wds.gopen(url), mode="r|")
         with tar:
             for member in tar:
-                match = _MEMBER.match(member.name)
-                if not member.isfile() or match is None:
+                name = split_member(member.name)
+                if not member.isfile() or name is None:
                     continue
-                member_key, field = match.groups()
+                member_key, field = name
                 if member_key != key:
                     if sample:
                         yield sample

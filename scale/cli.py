@@ -17,7 +17,8 @@ import os
 import pickle
 import sys
 
-from datamodules.limits import DataErrorRateExceeded
+from datamodules.error_budget import DataErrorRateExceeded
+from scale.modalities import PluginError
 
 TOOLS = {
     "demo-data": ("datamodules.demo", "write demo products (JPEG, MP4, WAV, meta.jsonl)"),
@@ -118,6 +119,16 @@ def _ckpt_path(args: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else list(argv)
+    try:
+        _main(args, argv)
+    except PluginError as error:
+        if os.environ.get("SCALE_DEBUG"):
+            raise
+        # A plugin modality that does not load is a setting to fix, not a crash.
+        sys.exit(f"scale {args[0] if args else 'fit'}: error: {error}")
+
+
+def _main(args: list[str], argv: list[str] | None) -> None:
     if args and args[0] in TOOLS:
         _run_tool(args[0], args[1:])
     elif args and args[0] in ("-h", "--help"):

@@ -4,8 +4,9 @@ An export folder holds:
 
     model.safetensors   the SCALE weights (shared text/table tower stored once)
     config.json         {"format": "scale-export/1", "model": ModelConfig as a dict}
-    tokenizer/          the WordPiece tokenizer (tokenizer.json, vocab)
-    text_encoder/       the pretrained text BERT's architecture (config.json), when one was used
+    tokenizer/          the WordPiece tokenizer (tokenizer.json, vocab), when a modality tokenizes
+    ...                 what a modality needs besides its weights (`Modality.export_assets`), e.g.
+                        text_encoder/: the pretrained text BERT's architecture (config.json)
 
 Everything needed to rebuild the model is inside the folder: no package data, no hub, no Lightning.
 """
@@ -22,7 +23,10 @@ import torch
 
 from scale.config import ModelConfig
 from scale.model import SCALE
+from scale.modalities import REGISTRY
 from scale.pretrained_paths import load_tokenizer, resolve
+
+TOKENIZER_FOLDER = "tokenizer"
 
 EXPORT_FORMAT = "scale-export/1"
 
@@ -105,13 +109,11 @@ def export_model(model: SCALE, out: str | Path) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config = ModelConfig.from_dict(model.config.to_dict())  # a copy whose paths we rewrite
-    if "text" in config.modalities or "table" in config.modalities:
-        load_tokenizer(config.tokenizer).save_pretrained(str(out / "tokenizer"))
-        config.tokenizer = "tokenizer"
-    if config.text.pretrained is not None:
-        tower = model.encoders["text"].tower if "text" in model.encoders else model.encoders["table"].tower
-        tower.bert.config.save_pretrained(str(out / "text_encoder"))
-        config.text.pretrained = "text_encoder"
+    if any(encoder.uses_tokenizer for encoder in model.encoders.values()):
+        load_tokenizer(config.tokenizer).save_pretrained(str(out / TOKENIZER_FOLDER))
+        config.tokenizer = TOKENIZER_FOLDER
+    for encoder in model.encoders.values():
+        encoder.export_assets(out, config)
     safetensors.torch.save_model(model, str(out / "model.safetensors"))
     (out / "config.json").write_text(json.dumps({"format": EXPORT_FORMAT, "model": config.to_dict()}, indent=1))
     return out
@@ -128,10 +130,11 @@ def load_pretrained(directory: str | Path, device: str | torch.device = "cpu") -
         raise ValueError(f"{config_path}: format {meta.get('format')!r}, expected {EXPORT_FORMAT!r}")
     config = ModelConfig.from_dict(meta["model"])
     # Paths inside the folder become absolute, so the data pipeline finds the same tokenizer.
-    if config.tokenizer == "tokenizer":
-        config.tokenizer = str(directory / "tokenizer")
-    if config.text.pretrained == "text_encoder":
-        config.text.pretrained = str(directory / "text_encoder")
+    if config.tokenizer == TOKENIZER_FOLDER:
+        config.tokenizer = str(directory / TOKENIZER_FOLDER)
+    for spec in REGISTRY.values():
+        if spec.resolve_assets is not None:
+            spec.resolve_assets(config, directory)
     model = SCALE(config, load_weights=False)
     missing, unexpected = safetensors.torch.load_model(model, str(directory / "model.safetensors"), strict=True)
     return model.to(device).eval()

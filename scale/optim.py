@@ -6,7 +6,8 @@ Here groups come from module types and from the `is_pretrained` flag of the towe
 
 - decay: the weight matrices of Linear and Conv layers (and nothing else);
 - no decay: biases, normalisation parameters, embeddings, positions and learned tokens;
-- `pretrained_lr` for every parameter inside a tower loaded from a pretrained checkpoint.
+- `pretrained_lr` for every parameter a module loaded from a pretrained checkpoint (a module with
+  `is_pretrained` set, e.g. the text BERT) names in its `pretrained_parameters()`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def parameter_groups(model: nn.Module, config: OptimizerConfig) -> list[dict]:
     pretrained: set[int] = set()
     for module in model.modules():
         if getattr(module, "is_pretrained", False):
-            pretrained.update(id(p) for p in module.bert.parameters())
+            pretrained.update(id(p) for p in module.pretrained_parameters())
     decayed = {
         id(module.weight)
         for module in model.modules()

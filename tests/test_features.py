@@ -15,11 +15,14 @@ import pytest
 import torch
 
 from datamodules import demo
-from datamodules.decode import SampleDecoder, decode_mel, decode_regions, decode_video_features
+from datamodules.decode import SampleDecoder
+from datamodules.limits import DataLimits
 from datamodules.m5product import eval_dataloader
 from datamodules.shards import write_shards
 from scale.config import MODALITIES, ModelConfig
 from scale.model import SCALE
+from scale.modalities import stem_class
+from scale.modalities.base import DecodeContext, RawSample
 from tests.conftest import tiny_config
 from tests.test_data import read_tar_members
 from tests.test_model import (
@@ -150,13 +153,22 @@ def npy(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def stem_decode(config: ModelConfig, modality: str, members: dict[str, bytes]) -> dict[str, torch.Tensor]:
+    """The configured stem's decode of one sample's members (what the loader runs)."""
+    limits = DataLimits()
+    sample = RawSample("k", {}, members, limits)
+    return stem_class(config, modality).decode(sample, getattr(config, modality), DecodeContext(config, limits))
+
+
 def test_long_feature_arrays_are_cut_to_the_configured_sizes():
     config = feature_config()
-    regions = decode_regions(npy(np.ones((40, 16), np.float16)), npy(np.ones((40, 5), np.float32)), config.image)
+    regions = stem_decode(config, "image", {"regions.npy": npy(np.ones((40, 16), np.float16)),
+                                            "boxes.npy": npy(np.ones((40, 5), np.float32))})  # fmt: skip
     assert regions["region_mask"].all() and regions["regions"].shape == (MAX_REGIONS, 16)
-    video = decode_video_features(npy(np.arange(20 * 12, dtype=np.float16).reshape(20, 12)), config.video)
+    video = stem_decode(config, "video", {"video.npy": npy(np.arange(20 * 12, dtype=np.float16).reshape(20, 12))})
     assert video["frame_mask"].all() and video["features"][:, 0].tolist() == [0.0, 12.0, 24.0]  # the first 3 clips
-    fbank, length = decode_mel(npy(np.zeros((8, 751), np.float32)), config.audio)
+    mel = stem_decode(config, "audio", {"mel.npy": npy(np.zeros((8, 751), np.float32))})
+    fbank, length = mel["fbank"], mel["length"]
     assert fbank.shape == (40, 8) and length == 40
 
 

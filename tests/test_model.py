@@ -9,48 +9,17 @@ import torch
 
 from scale.config import MODALITIES
 from scale.model import SCALE
+from scale.modalities import stem_class
 from tests.conftest import tiny_config
 
 
-def _counts(B: int, slots: int) -> torch.Tensor:
-    """(B, slots) bool masks of real slots: every count from 1 to `slots` occurs (cycling)."""
-    return torch.arange(slots)[None, :] < (torch.arange(B) % slots + 1)[:, None]
-
-
-def _image_inputs(config, B: int) -> dict:
-    i = config.image
-    if i.stem == "regions":  # pre-extracted regions: a varying number of real regions per image
-        return {"regions": torch.randn(B, i.max_regions, i.region_dim), "boxes": torch.rand(B, i.max_regions, 5),
-                "region_mask": _counts(B, i.max_regions)}  # fmt: skip
-    return {"pixels": torch.randn(B, 3, i.size, i.size)}
-
-
-def _video_inputs(config, B: int) -> dict:
-    v = config.video
-    if v.stem == "features":  # per-second clip features: a varying number of real clips per video
-        return {"features": torch.randn(B, v.frames, v.feature_dim), "frame_mask": _counts(B, v.frames)}
-    return {"frames": torch.randn(B, v.frames, 3, v.size, v.size)}
-
-
 def random_batch(config, present: torch.Tensor, fill_absent: float | None = None) -> dict:
-    """A batch with random valid inputs; `present` is (B, 5) bool in MODALITIES order.
-    `fill_absent` overwrites absent samples' float inputs (e.g. NaN) to prove they are never read.
-    Image and video inputs follow the config's stems (pixels / regions, frames / features); the
-    audio features stem has the waveform stem's keys (with `num_frames` = `feature_frames`)."""
+    """A batch with random valid inputs (each registered modality's stem's `example`, under the
+    config's stems: pixels / regions, frames / features, waveform / mel); `present` is (B, M) bool
+    in MODALITIES order. `fill_absent` overwrites absent samples' float inputs (e.g. NaN) to prove
+    they are never read."""
     B = present.shape[0]
-    t, tb, a = config.text, config.table, config.audio
-    entity = torch.arange(tb.max_tokens).div(4, rounding_mode="floor").clamp(max=tb.max_pairs - 1)
-    batch = {
-        "text": {"input_ids": torch.randint(1000, 5000, (B, t.max_tokens)),
-                 "attention_mask": torch.ones(B, t.max_tokens, dtype=torch.long)},
-        "table": {"input_ids": torch.randint(1000, 5000, (B, tb.max_tokens)),
-                  "attention_mask": torch.ones(B, tb.max_tokens, dtype=torch.long),
-                  "entity_index": entity.expand(B, -1).clone(),
-                  "entity_role": (torch.arange(tb.max_tokens) % 4 >= 2).long().expand(B, -1).clone()},
-        "image": _image_inputs(config, B),
-        "video": _video_inputs(config, B),
-        "audio": {"fbank": torch.randn(B, a.num_frames, a.mel_bins), "length": torch.full((B,), a.num_frames)},
-    }  # fmt: skip
+    batch = {name: stem_class(config, name).example(getattr(config, name), B) for name in MODALITIES}
     for index, name in enumerate(MODALITIES):
         batch[name]["present"] = present[:, index].clone()
         if fill_absent is not None:

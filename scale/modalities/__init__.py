@@ -1,57 +1,123 @@
-"""Modalities as keys: each file defines one `Modality`; `build_modalities` assembles the ones a
-config asks for into a `ModuleDict` in the canonical fusion order."""
+"""The modality registry: key -> `ModalitySpec` (`base.py`), in fusion order.
+
+M5Product's five modalities are built in (`text`, `table`, `image`, `video`, `audio`, one file each).
+A new one is one module defining `MODALITY = ModalitySpec(...)`, named in
+the `SCALE_PLUGINS` environment variable (comma-separated names of importable modules: installed, or
+on PYTHONPATH) or in an installed package's `scale.modalities` entry points. A modality
+module imports from `scale.modalities.base` (and `masking`, `transformer`, `scale.media`), never the
+registry or `scale.config`, which do not exist yet while it loads.
+
+The registry is loaded once, on first use (`REGISTRY`), and fixed for the process: the model config
+(`scale.config.ModelConfig`) and the data limits gather every registered modality's section when
+they are first imported, and data workers and converter processes load the same plugins from the
+same environment.
+
+Everything that used to name modalities loops over `REGISTRY` instead: the model builder below,
+the sample decoder, the collate, the converter's field table, the corruptions and the test fixtures.
+"""
 
 from __future__ import annotations
 
+import importlib
+import os
+from importlib.metadata import entry_points
+from types import ModuleType
+
 from torch import nn
 
-from scale.config import ModelConfig
-from scale.modalities.audio import AudioModality
-from scale.modalities.base import Encoded, Masked, Modality
-from scale.modalities.bert import BertTower
-from scale.modalities.image import ImageModality
-from scale.modalities.table import TableModality
-from scale.modalities.text import TextModality, special_token_ids
-from scale.modalities.video import VideoModality
-from scale.pretrained_paths import load_tokenizer
+from scale.modalities.base import BuildContext, Encoded, Masked, Modality, ModalitySpec
 
-__all__ = ["Encoded", "Masked", "Modality", "build_modalities"]
+__all__ = ["BUILTIN", "PluginError", "Encoded", "Masked", "Modality", "ModalitySpec", "REGISTRY", "build_modalities", "spec"]
+
+BUILTIN: tuple[str, ...] = ("text", "table", "image", "video", "audio")
+"""M5Product's modalities, in the order their token segments are concatenated for fusion."""
+PLUGINS_ENV = "SCALE_PLUGINS"
+ENTRY_POINT_GROUP = "scale.modalities"
 
 
-def build_modalities(config: ModelConfig, load_weights: bool = True) -> nn.ModuleDict:
-    """Build the encoders of `config.modalities`.
+class PluginError(ImportError):
+    """A plugin modality that cannot be loaded (the command line reports it in one line)."""
 
-    `load_weights=False` builds pretrained towers from their architecture only (used when a
-    checkpoint's weights are loaded right after).
-    """
-    width = config.fusion.width
-    modules: dict[str, Modality] = {}
-    needs_bert = "text" in config.modalities or "table" in config.modalities
-    if needs_bert:
-        tokenizer = load_tokenizer(config.tokenizer)
-        special, vocab = special_token_ids(tokenizer), len(tokenizer)
-        max_tokens = max(config.text.max_tokens, config.table.max_tokens)
-        text_tower = BertTower(
-            pretrained=config.text.pretrained, hidden=config.text.hidden, layers=config.text.layers,
-            heads=config.text.heads, mlp=config.text.mlp, max_tokens=max_tokens, vocab_size=vocab,
-            width=width, load_weights=load_weights,
-        )  # fmt: skip
-        if "text" in config.modalities:
-            modules["text"] = TextModality(config.text, text_tower, special, vocab)
-        if "table" in config.modalities:
-            if config.table.share_text_encoder:
-                table_tower = text_tower
-            else:
-                table_tower = BertTower(
-                    pretrained=None, hidden=config.table.hidden, layers=config.table.layers,
-                    heads=config.table.heads, mlp=config.table.mlp, max_tokens=config.table.max_tokens,
-                    vocab_size=vocab, width=width,
-                )  # fmt: skip
-            modules["table"] = TableModality(config.table, table_tower, special, vocab)
-    if "image" in config.modalities:
-        modules["image"] = ImageModality(config.image, width)
-    if "video" in config.modalities:
-        modules["video"] = VideoModality(config.video, width)
-    if "audio" in config.modalities:
-        modules["audio"] = AudioModality(config.audio, width)
-    return nn.ModuleDict({name: modules[name] for name in config.modalities})
+
+def _spec_of(module: ModuleType | ModalitySpec, where: str) -> ModalitySpec:
+    found = module if isinstance(module, ModalitySpec) else getattr(module, "MODALITY", None)
+    if not isinstance(found, ModalitySpec):
+        raise PluginError(f"{where}: module {getattr(module, '__name__', module)} defines no MODALITY = ModalitySpec(...)")
+    return found
+
+
+def _load() -> dict[str, ModalitySpec]:
+    sources = [(f"scale.modalities.{name}", "built in") for name in BUILTIN]
+    sources += [(name.strip(), PLUGINS_ENV) for name in os.environ.get(PLUGINS_ENV, "").split(",") if name.strip()]
+    registry: dict[str, ModalitySpec] = {}
+    modules: list[tuple[ModuleType | ModalitySpec, str]] = []
+    for name, where in sources:
+        try:
+            modules.append((importlib.import_module(name), where))
+        except ImportError as error:
+            raise PluginError(f"{where}: cannot import modality module {name!r} ({error})") from error
+    for point in entry_points(group=ENTRY_POINT_GROUP):
+        modules.append((point.load(), f"entry point {point.name}"))
+    for module, where in modules:
+        item = _spec_of(module, where)
+        if item.name in registry:
+            raise PluginError(f"{where}: modality {item.name!r} is registered twice")
+        registry[item.name] = item
+    return registry
+
+
+_registry: dict[str, ModalitySpec] | None = None
+_loading = False
+
+
+def registry() -> dict[str, ModalitySpec]:
+    """Every registered modality by key, in fusion order: the built-in five, then plugins."""
+    global _registry, _loading
+    if _registry is None:
+        if _loading:
+            raise PluginError("a modality module read the registry while it was being loaded (import from "
+                              "scale.modalities.base, not scale.modalities or scale.config)")  # fmt: skip
+        _loading = True
+        try:
+            _registry = _load()
+        finally:
+            _loading = False
+    return _registry
+
+
+def __getattr__(name: str):
+    if name == "REGISTRY":  # loaded on first use, so importing the package (or its base) loads nothing
+        return registry()
+    raise AttributeError(f"module 'scale.modalities' has no attribute {name!r}")
+
+
+def spec(name: str) -> ModalitySpec:
+    try:
+        return registry()[name]
+    except KeyError:
+        raise ValueError(f"modality {name!r} is not registered (registered: {list(registry())}; a plugin "
+                         f"modality is loaded with {PLUGINS_ENV}=<module>)") from None  # fmt: skip
+
+
+def stem_class(config, name: str) -> type[Modality]:
+    """The stem class of modality `name` under `config` (a ModelConfig)."""
+    return spec(name).stem_class(getattr(config, name))
+
+
+def build_modalities(config, load_weights: bool = True) -> nn.ModuleDict:
+    """The encoders of `config.modalities`, in fusion order (`load_weights=False`: pretrained
+    towers are built from their architecture only, a checkpoint's weights are loaded after)."""
+    context = BuildContext(config, load_weights)
+    return nn.ModuleDict({name: stem_class(config, name).build(context) for name in config.modalities})
+
+
+def batch_layout(config) -> dict[str, dict[str, tuple[tuple[int, ...], "torch.dtype"]]]:
+    """{modality: {key: (per-sample shape, dtype)}} of a batch under `config`, as each stem declares
+    it (plus `present`, a bool per sample): what the loader delivers and the encoders expect."""
+    import torch
+
+    layout = {}
+    for name in config.modalities:
+        specs = stem_class(config, name).tensors(getattr(config, name))
+        layout[name] = {key: (spec.shape, spec.dtype) for key, spec in specs.items()} | {"present": ((), torch.bool)}
+    return layout

@@ -62,6 +62,10 @@ class BertTower(nn.Module):
         self.lm_transform = nn.Sequential(nn.Linear(width, bert_hidden), nn.GELU(), nn.LayerNorm(bert_hidden))
         self.lm_bias = nn.Parameter(torch.zeros(vocab_size))
 
+    def pretrained_parameters(self):
+        """The parameters loaded from the pretrained checkpoint (`optimizer.pretrained_lr` applies)."""
+        return self.bert.parameters()
+
     def encode(self, input_ids: Tensor, attention_mask: Tensor, token_type: int) -> Tensor:
         """(B, L) ids -> (B, L, width) tokens."""
         token_type_ids = torch.full_like(input_ids, token_type)

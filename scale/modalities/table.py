@@ -16,25 +16,116 @@ padding tokens) and `entity_role` (0 key, 1 value).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, Literal
+
 import torch
 from torch import Tensor
 
-from scale.config import TableConfig
-from scale.modalities.base import Encoded, Masked, bernoulli_positions
+from scale.modalities.base import (
+    BuildContext, DecodeContext, Encoded, Masked, ModalitySpec, Note, RawSample, RecordField, TensorSpec, clean_string,
+)  # fmt: skip
 from scale.modalities.bert import BertTower
-from scale.modalities.knowledge import (
-    LinkPrediction,
-    StructureAggregation,
-    TableMasked,
-    pair_membership,
-    span_mean,
-)
-from scale.modalities.text import BertModality
+from scale.modalities.knowledge import LinkPrediction, StructureAggregation, TableMasked, pair_membership, span_mean
+from scale.modalities.masking import bernoulli_positions
+from scale.modalities.text import BertModality, special_token_ids, text_tower
+from scale.pretrained_paths import load_tokenizer
+from scale.shard_format import TABLE_PAIR_SEPARATOR, format_table, parse_table
+
+
+@dataclass
+class TableConfig:
+    """Property-value table, tokenised as `[CLS] k1 v1 k2 v2 ... [SEP]`."""
+
+    max_tokens: int = 64
+    """Token budget including [CLS] and [SEP] (official: 64)."""
+    share_text_encoder: bool = True
+    """Run the table through the text BERT (official code) instead of a BERT of its own."""
+    hidden: int = 768
+    """Width of the table's own BERT (only when `share_text_encoder` is false)."""
+    layers: int = 6
+    """Layers of the table's own BERT (only when `share_text_encoder` is false)."""
+    heads: int = 12
+    """Heads of the table's own BERT (only when `share_text_encoder` is false)."""
+    mlp: int = 3072
+    """Feed-forward width of the table's own BERT (only when `share_text_encoder` is false)."""
+    max_pairs: int = 16
+    """Property-value pairs kept per product (the rest are dropped before tokenisation)."""
+    pooling: Literal["mean", "cls"] = "mean"
+    """The pooled (first) token, as `text.pooling`."""
+    masked_modeling: bool = True
+    """Masked entity modeling (MEM): whole keys or whole values are masked and predicted."""
+    mask_prob: float = 0.15
+    """Probability that a property-value pair is picked for MEM."""
+    link_prediction: bool = False
+    """K3M link prediction (LPM): each product's pairs are triples <item, property, value>; one
+    triple per product has its whole value masked (its key always stays visible) and is predicted
+    from the fused product (table token 0) and its property (mean of the key's fused tokens), by
+    InfoNCE (temperature 0.07) against the other products' values in the global batch, embedded as
+    the mean of their word embeddings; candidates with the same value string are excluded.
+    Logged as `table/link_prediction`, weighted by the table's harmonization weight."""
+    structure_pooling: bool = False
+    """K3M structure aggregation: the table's pooled token becomes c + W * sum_j a_j t_j, attention
+    of the pooled token c over the product's triples t_j (mean of the pair's key and value token
+    outputs), existing pairs only. It also changes the table's contrastive / retrieval vector."""
+
+
+@dataclass
+class TableLimits:
+    max_table_chars: int = 20000
+    """Table strings are cut to this many characters (at a pair boundary) before parsing."""
+
+
+def clean_table(value: Any, limits: Any) -> tuple[str | None, list[Note]]:
+    """The converter's check of a table string: cut at a pair boundary (never half a pair), dropped
+    without one `key#:#value` pair, kept with a note when some pairs are malformed (the decoder
+    skips those)."""
+
+    def at_pair_boundary(text: str, cap: int) -> str:
+        cut = text[:cap]
+        return cut[: cut.rindex(TABLE_PAIR_SEPARATOR)] if TABLE_PAIR_SEPARATOR in cut else cut
+
+    table, notes = clean_string(value, limits, TABLE, cut=at_pair_boundary)
+    if table is None:
+        return None, notes
+    valid = len(parse_table(table))
+    malformed = sum(1 for item in table.split(TABLE_PAIR_SEPARATOR) if item.strip()) - valid
+    if not valid:
+        return None, [*notes, ("malformed", f"no key#:#value pair in {table[:60]!r}", "dropped")]
+    if malformed:
+        notes.append(("malformed_pairs", f"{malformed} malformed pair(s) skipped, {valid} kept", "kept"))
+    return table, notes
+
+
+TABLE = RecordField("table", official="pv", max_chars="max_table_chars", clean=clean_table,
+                    noise=lambda words: format_table(zip(words[::2], words[1::2])))  # fmt: skip
+
+
+def tokenize_table(tokenizer, pairs: list[tuple[str, str]], max_tokens: int) -> dict[str, torch.Tensor]:
+    """[(key, value)] -> `[CLS] key value key value ... [SEP]` token ids, padded to `max_tokens`,
+    with each token's pair index (`entity_index`) and whether it is a key or a value
+    (`entity_role` 0 / 1); -1 on special and padding tokens."""
+    pieces = tokenizer([text for pair in pairs for text in pair], add_special_tokens=False)["input_ids"]
+    ids, entity, role = [tokenizer.cls_token_id], [-1], [-1]
+    for index, piece in enumerate(pieces):
+        ids += piece
+        entity += [index // 2] * len(piece)
+        role += [index % 2] * len(piece)
+    limit = max_tokens - 1
+    ids, entity, role = ids[:limit] + [tokenizer.sep_token_id], entity[:limit] + [-1], role[:limit] + [-1]
+    pad = max_tokens - len(ids)
+    return {
+        "input_ids": torch.tensor(ids + [tokenizer.pad_token_id] * pad),
+        "attention_mask": torch.tensor([1] * len(ids) + [0] * pad),
+        "entity_index": torch.tensor(entity + [-1] * pad),
+        "entity_role": torch.tensor(role + [-1] * pad),
+    }
 
 
 class TableModality(BertModality):
-    name = "table"
-    input_keys = ("input_ids", "attention_mask", "entity_index", "entity_role")
+    modality = "table"
+    stem = "pairs"
+    reads = (TABLE,)
     token_type = 1  # segment B of the shared BERT, so text and table stay distinguishable inside it
 
     def __init__(self, config: TableConfig, tower: BertTower, special_ids: dict[str, int], vocab_size: int):
@@ -46,12 +137,40 @@ class TableModality(BertModality):
         embedding_dim = tower.bert.embeddings.word_embeddings.embedding_dim
         self.link = LinkPrediction(width, embedding_dim) if config.link_prediction else None
 
-    def sanitize(self, inputs: dict[str, Tensor], present: Tensor) -> dict[str, Tensor]:
-        clean = super().sanitize(inputs, present)
-        # Absent rows must not look like rows whose pair 0 is a key: -1 means "no entity".
-        for key in ("entity_index", "entity_role"):
-            clean[key] = torch.where(present[:, None], clean[key], torch.full_like(clean[key], -1))
-        return clean
+    @classmethod
+    def build(cls, context: BuildContext) -> "TableModality":
+        config = context.config
+        tokenizer = load_tokenizer(config.tokenizer)
+        if config.table.share_text_encoder:
+            tower = text_tower(context)
+        else:
+            tower = BertTower(
+                pretrained=None, hidden=config.table.hidden, layers=config.table.layers, heads=config.table.heads,
+                mlp=config.table.mlp, max_tokens=config.table.max_tokens, vocab_size=len(tokenizer), width=context.width,
+            )  # fmt: skip
+        return cls(config.table, tower, special_token_ids(tokenizer), len(tokenizer))
+
+    @classmethod
+    def tensors(cls, config: TableConfig) -> dict[str, TensorSpec]:
+        # -1 means "no entity": absent rows must not look like rows whose pair 0 is a key.
+        n = config.max_tokens
+        return {**super().tensors(config), "entity_index": TensorSpec((n,), torch.long, fill=-1),
+                "entity_role": TensorSpec((n,), torch.long, fill=-1)}  # fmt: skip
+
+    @classmethod
+    def example(cls, config: TableConfig, batch: int) -> dict[str, Tensor]:
+        """Pairs of 4 tokens (2 key, 2 value) over the whole budget, the last pair running to the end."""
+        n = config.max_tokens
+        entity = torch.arange(n).div(4, rounding_mode="floor").clamp(max=config.max_pairs - 1)
+        return {**super().example(config, batch), "entity_index": entity.expand(batch, -1).clone(),
+                "entity_role": (torch.arange(n) % 4 >= 2).long().expand(batch, -1).clone()}  # fmt: skip
+
+    @classmethod
+    def decode(cls, sample: RawSample, config: TableConfig, context: DecodeContext) -> dict[str, Tensor]:
+        pairs = parse_table(sample.string(TABLE))[: config.max_pairs]
+        if not pairs:  # a non-empty table string without one key#:#value pair is malformed
+            raise ValueError("no well-formed property-value pair in the table")
+        return tokenize_table(context.tokenizer, pairs, config.max_tokens)
 
     def encode(self, inputs: dict[str, Tensor]) -> Encoded:
         encoded = super().encode(inputs)
@@ -117,3 +236,6 @@ class TableModality(BertModality):
             return {}
         word_embeddings = self.tower.bert.embeddings.word_embeddings
         return {"link_prediction": self.link(fused_tokens, masked, sample_weight, word_embeddings)}
+
+
+MODALITY = ModalitySpec(name="table", config=TableConfig, limits=TableLimits, stems={"pairs": TableModality})

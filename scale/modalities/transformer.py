@@ -1,14 +1,35 @@
-"""A small pre-norm transformer over a token sequence, shared by the video, audio and fusion trunks.
-
-Built from timm's `Block` (fused scaled-dot-product attention with a boolean mask) so every trunk
-in the project uses the same, well-tested attention.
-"""
+"""The trunk that image regions, video, audio and fusion share: a small pre-norm transformer over a
+token sequence, built from timm's `Block` (fused scaled-dot-product attention with a boolean mask)
+so every trunk in the project uses the same, well-tested attention."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
+
+from scale.modalities.base import Encoded
+
+
+@dataclass
+class TrunkConfig:
+    """What the image, video and audio encoders share: a transformer trunk and one masked task."""
+
+    hidden: int = 768
+    """Trunk width."""
+    layers: int = 6
+    """Trunk depth."""
+    heads: int = 12
+    """Attention heads."""
+    mlp_ratio: float = 4.0
+    """Feed-forward expansion."""
+    masked_modeling: bool = True
+    """The modality's masked-feature regression (patches, frames or audio tokens)."""
+    mask_prob: float = 0.15
+    """Share of the modality's tokens chosen for masked modeling."""
 
 
 class TokenTransformer(nn.Module):
@@ -38,3 +59,20 @@ def mean_token(tokens: Tensor, token_mask: Tensor) -> Tensor:
     """Masked mean of (B, L, D) tokens -> (B, 1, D): the official 'global token' of a feature sequence."""
     weights = token_mask.to(tokens.dtype).unsqueeze(-1)
     return (tokens * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True).clamp_min(1.0)
+
+
+class MeanTokenTrunk(nn.Module):
+    """The official model's encoder for a sequence of feature tokens (regions, clips, audio frames):
+    the masked mean token first, then a `TokenTransformer`, then a projection to the fusion width."""
+
+    def __init__(self, config: TrunkConfig, slots: int, width: int):
+        super().__init__()
+        self.transformer = TokenTransformer(config.hidden, config.layers, config.heads, config.mlp_ratio, 1 + slots)
+        self.project = nn.Linear(config.hidden, width) if config.hidden != width else nn.Identity()
+
+    def forward(self, embedded: Tensor, real: Tensor) -> Encoded:
+        """embedded (B, T, hidden) slot tokens, real (B, T) bool -> 1 + T tokens (the mean first,
+        always attended; padding slots masked out of attention and out of the mean)."""
+        tokens = torch.cat([mean_token(embedded, real), embedded], dim=1)
+        token_mask = F.pad(real, (1, 0), value=True)
+        return Encoded(tokens=self.project(self.transformer(tokens, token_mask)), token_mask=token_mask)

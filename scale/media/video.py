@@ -1,4 +1,5 @@
-"""One small interface over the video decoders: `read_frames(bytes) -> (T, S, S, 3) uint8`.
+"""Video bytes: `read_frames(bytes) -> (T, S, S, 3) uint8` over the decoders, and `check_video`, the
+converter's test of an MP4 (the same header limits and decoder as the loader's).
 
 `auto` reads with PyAV and falls back to decord. PyAV is maintained, reads the header limits from
 the container it decodes from (decord cannot report a stream's size, so checking limits before
@@ -27,16 +28,14 @@ from multiprocessing.connection import Connection, Pipe
 
 import numpy as np
 
+from scale.media import MediaError, MediaTooLarge
+
 try:  # decord has no wheel off x86-64 Linux; PyAV alone then does the work
     import decord
 except ImportError:  # pragma: no cover - depends on the platform
     decord = None
 
 BACKENDS = ("auto", "decord", "pyav")
-
-
-class MediaTooLarge(ValueError):
-    """A media header over a size limit (pixels, seconds, bytes): refused before decoding."""
 
 
 def sample_indices(available: int, wanted: int) -> np.ndarray:
@@ -60,18 +59,18 @@ def _check_limits(container, max_pixels: int | None, max_seconds: float | None):
     import av
 
     if not container.streams.video:
-        raise ValueError("no video stream")
+        raise MediaError("no video stream", "no_video_stream")
     stream = container.streams.video[0]
     width, height = stream.codec_context.width, stream.codec_context.height
     if max_pixels is not None and width * height > max_pixels:
-        raise MediaTooLarge(f"video {width}x{height} is over max_video_pixels={max_pixels}")
+        raise MediaTooLarge(f"video {width}x{height} is over max_video_pixels={max_pixels}", "too_many_pixels")
     seconds = None
     if stream.duration is not None and stream.time_base is not None:
         seconds = float(stream.duration * stream.time_base)
     elif container.duration is not None:
         seconds = container.duration / av.time_base
     if max_seconds is not None and seconds is not None and seconds > max_seconds:
-        raise MediaTooLarge(f"video of {seconds:.0f} s is over max_video_seconds={max_seconds:g}")
+        raise MediaTooLarge(f"video of {seconds:.0f} s is over max_video_seconds={max_seconds:g}", "too_long")
     return stream
 
 
@@ -180,6 +179,22 @@ def read_frames(
         return decode_frames(data, num_frames, size, backend, max_pixels, max_seconds)
     with _lock:
         return _call_helper((num_frames, size, backend, max_pixels, max_seconds), data, timeout_s)
+
+
+def check_video(data: bytes, limits) -> None:
+    """The converter's check of an MP4: a video stream within `limits`' pixel and duration limits
+    whose first frame decodes, all inside the helper process under `video_timeout_s` (a file that
+    hangs the decoder cannot stall a conversion worker). Raises MediaError: reason `timeout` past
+    the limit, `corrupt` for anything PyAV cannot read."""
+    try:
+        read_frames(data, 1, 16, backend="pyav", timeout_s=limits.video_timeout_s,
+                    max_pixels=limits.max_video_pixels, max_seconds=limits.max_video_seconds)  # fmt: skip
+    except MediaError:
+        raise
+    except TimeoutError as error:
+        raise MediaError(f"MP4: {error}", "timeout") from None
+    except Exception as error:  # av.FFmpegError and friends
+        raise MediaError(f"MP4: {error}", "corrupt") from None
 
 
 # ---- the helper process -------------------------------------------------------------------------

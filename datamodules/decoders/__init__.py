@@ -1,1 +1,0 @@
-"""Per-kind byte decoders behind `datamodules.decode.SampleDecoder`: media files and feature arrays."""

@@ -1,0 +1,114 @@
+"""Audio bytes (WAV, FLAC, MP3) through soundfile, and the sound track of an MP4 through PyAV.
+
+`read_header` is the one gate the converter (`check_audio`) and the loader (`read_wave`) share: a
+sane sample rate and channel count, at least one frame, and a duration within `max_audio_seconds`,
+all from the header, before a sample is decoded.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import soundfile
+import torch
+import torchaudio
+
+from scale.media import MediaError, MediaTooLarge
+
+MAX_SAMPLE_RATE = 384_000
+MAX_CHANNELS = 16
+"""Sanity bounds on audio headers (decoded size is seconds x rate x channels): beyond any product audio."""
+TRACK_RATE = 16_000
+"""Audio taken from a video's sound track is resampled to this rate, mono (M5Product's audio rate)."""
+
+
+def read_header(sound: soundfile.SoundFile, max_seconds: float | None) -> float:
+    """Seconds of an open file whose header is usable and within `max_seconds`."""
+    rate, channels = sound.samplerate, sound.channels
+    if not 0 < rate <= MAX_SAMPLE_RATE or not 0 < channels <= MAX_CHANNELS:
+        raise MediaError(f"audio header: {rate} Hz, {channels} channels", "corrupt")
+    if sound.frames <= 0:
+        raise MediaError("zero-length audio", "empty")
+    seconds = sound.frames / rate
+    if max_seconds is not None and seconds > max_seconds:
+        raise MediaTooLarge(f"audio of {seconds:.0f} s is over max_audio_seconds={max_seconds:g}", "too_long")
+    return seconds
+
+
+def _open(data: bytes) -> soundfile.SoundFile:
+    try:
+        return soundfile.SoundFile(io.BytesIO(data))
+    except Exception as error:  # soundfile.LibsndfileError, RuntimeError on unknown formats
+        raise MediaError(f"audio: {error}", "corrupt") from None
+
+
+def check_audio(data: bytes, limits) -> None:
+    """The converter's check: the header (`read_header`) under `limits.max_audio_seconds`."""
+    with _open(data) as sound:
+        read_header(sound, limits.max_audio_seconds)
+
+
+def read_wave(data: bytes, seconds: float, rate: int, max_seconds: float | None = None) -> torch.Tensor:
+    """The first `seconds` of the audio as a mono float32 wave at `rate` (only those are decoded)."""
+    with _open(data) as sound:
+        read_header(sound, max_seconds)
+        native = sound.samplerate
+        wave = sound.read(frames=math.ceil(seconds * native), dtype="float32", always_2d=True)
+    wave = torch.from_numpy(wave.mean(axis=1))
+    if native != rate and wave.numel():
+        wave = torchaudio.functional.resample(wave, native, rate)
+    return wave[: int(round(seconds * rate))]
+
+
+def _seconds(container, stream) -> float | None:
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    return container.duration / 1e6 if container.duration is not None else None
+
+
+def probe_track(path: str) -> float | None:
+    """Seconds of the first audio stream of a video file (None: no audio stream, or unreadable)."""
+    import av
+
+    try:
+        with av.open(path, metadata_errors="ignore") as container:
+            if not container.streams.audio:
+                return None
+            return _seconds(container, container.streams.audio[0]) or 0.0
+    except Exception:  # an unreadable video is reported when it is checked, not here
+        return None
+
+
+def flac_bound(seconds: float) -> int:
+    """Upper bound on the FLAC bytes of `seconds` of 16-bit mono audio (verbatim worst case + headers)."""
+    return int(seconds * TRACK_RATE * 2 * 1.05) + 8192
+
+
+def track_to_flac(data: bytes, max_seconds: float) -> bytes | None:
+    """The video's first audio track as 16 kHz mono FLAC, at most `max_seconds` long (None: no track)."""
+    import av
+
+    chunks, total, limit = [], 0, int(max_seconds * TRACK_RATE)
+    try:
+        with av.open(io.BytesIO(data), metadata_errors="ignore") as container:
+            if not container.streams.audio:
+                return None
+            resampler = av.AudioResampler(format="s16", layout="mono", rate=TRACK_RATE)
+            for frame in container.decode(container.streams.audio[0]):
+                for out in resampler.resample(frame):
+                    chunks.append(out.to_ndarray().reshape(-1))
+                    total += len(chunks[-1])
+                if total >= limit:
+                    break
+            else:
+                chunks += [out.to_ndarray().reshape(-1) for out in resampler.resample(None)]
+    except Exception as error:
+        raise MediaError(f"audio track of the MP4: {error}", "corrupt") from None
+    wave = np.concatenate(chunks)[:limit] if chunks else np.zeros(0, np.int16)
+    if len(wave) == 0:
+        raise MediaError("the MP4's audio track has no samples", "empty")
+    buffer = io.BytesIO()
+    soundfile.write(buffer, wave, TRACK_RATE, format="FLAC", subtype="PCM_16")
+    return buffer.getvalue()
