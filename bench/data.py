@@ -311,7 +311,7 @@ class Direct:
 
     def table(self, sample):
         # The tokenizer call and the [CLS] k v ... [SEP] layout, as the pipeline does them.
-        from scale.modalities.table import tokenize_table
+        from scale.modalities.table.stems import tokenize_table
         from scale.shard_format import parse_table
 
         config = self.config.table

@@ -1,4 +1,4 @@
-"""Robustness to missing and noisy modalities: K3M's protocol on planted demo data (SPEC section 5).
+"""Robustness to missing and noisy modalities: K3M's protocol on planted demo data (the K3M paper).
 
 For each setting (text, image, mixed text+image), kind (missing: blanked; swap: replaced by another
 product's, K3M's "noise") and rate (0/20/50/80/100 % of products), the train and eval demo sets are

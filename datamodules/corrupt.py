@@ -1,4 +1,4 @@
-"""Corrupt a known share of a raw product folder: the robustness protocol of K3M (SPEC section 5).
+"""Corrupt a known share of a raw product folder: the robustness protocol of K3M (the K3M paper).
 
     scale corrupt --src RAW --out OUT --modalities text --kind missing --rate 0.5 --seed 0
 

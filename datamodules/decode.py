@@ -32,7 +32,7 @@ from datamodules.error_budget import ErrorBudget
 from datamodules.limits import DataLimits
 from scale.media import MediaTooLarge, check_size
 from scale.modalities import stem_class
-from scale.modalities.base import DecodeContext, Missing, RawSample
+from scale.modalities.spec import DecodeContext, Missing, RawSample
 from scale.shard_format import RECORD_MEMBER
 
 

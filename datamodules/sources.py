@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from scale.modalities import REGISTRY
-from scale.modalities.base import Field, FileField, RecordField
+from scale.modalities.spec import Field, FileField, RecordField
 
 FIELD_TABLE: dict[str, tuple[str, Field]] = {
     source.name: (spec.name, source) for spec in REGISTRY.values() for source in spec.fields

@@ -24,7 +24,7 @@ from datamodules.limits import DataLimits
 from datamodules.sources import FIELD_TABLE, FILE_FIELDS, RECORD_FIELDS
 from scale.media import MediaError
 from scale.modalities import REGISTRY
-from scale.modalities.base import FileField
+from scale.modalities.spec import FileField
 from scale.shard_format import RECORD_MEMBER
 
 MEMBER_MODALITY: dict[str, str] = {

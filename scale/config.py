@@ -42,7 +42,7 @@ class FusionConfig:
 
 @dataclass
 class HarmonizationConfig:
-    """Self-harmonization: per-sample modality and modality-pair weights (SPEC section 3)."""
+    """Self-harmonization: per-sample modality and modality-pair weights (the SCALE paper and code)."""
 
     mode: Literal["per_sample", "learned", "uniform"] = "per_sample"
     """`per_sample`: the official parameter-free weights (cosine -> row softmax * -> row L2 norm),

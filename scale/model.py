@@ -32,7 +32,8 @@ from scale.config import ModelConfig
 from scale.fusion import Fusion
 from scale.harmonization import harmonization_weights, pair_mask, rescale_to_unit_mean
 from scale.losses import contrastive_loss
-from scale.modalities import Masked, build_modalities
+from scale.modalities import build_modalities
+from scale.modalities.base import Masked
 
 TRANSFORMER_BLOCKS: tuple[type[nn.Module], ...] = (Block, BertLayer)
 """The repeated layers of every trunk (timm blocks: image, video, audio, fusion; BERT layers: text

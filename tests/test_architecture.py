@@ -54,7 +54,7 @@ def test_the_contract_catches_an_import_against_the_layers(tmp_path, importer, i
 GENERIC = [
     *[f"scale/{name}.py" for name in ("config", "model", "fusion", "harmonization", "losses", "export", "optim",
                                       "module", "evaluate", "metrics", "strategies", "cli", "shard_format")],
-    *[f"scale/modalities/{name}.py" for name in ("__init__", "base", "masking", "transformer")],
+    *[f"scale/modalities/{name}.py" for name in ("__init__", "spec", "base", "masking", "transformer", "bert")],
     *[f"scale/media/{name}" for name in os.listdir(ROOT / "scale" / "media") if name.endswith(".py")],
     *[f"datamodules/{name}.py" for name in ("decode", "collate", "streams", "m5product", "sources", "validate",
                                             "shards", "limits", "error_budget", "corrupt")],
@@ -76,3 +76,15 @@ def test_generic_code_names_no_modality(path):
     named = [(node.lineno, node.value) for node in ast.walk(tree)
              if isinstance(node, ast.Constant) and node.value in BUILTIN and id(node) not in allowed]  # fmt: skip
     assert not named, f"{path} names modalities {named}: declare it in the modality's file instead"
+
+
+def test_the_converter_the_demo_and_the_config_import_no_torch():
+    """Reading the modalities' declarations (fields, checks, limits, config sections) builds no model:
+    `scale shards` (its main process and every converter process), `scale demo-data` and
+    `scale.config` start in a fraction of a second, not the seconds torch, timm and transformers take."""
+    check = ("import sys, datamodules.shards, datamodules.demo, datamodules.corrupt, scale.config; "
+             "from scale.modalities import REGISTRY; assert len(REGISTRY) >= 5; "
+             "print(sorted(m for m in ('torch', 'timm', 'transformers', 'lightning') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]", f"imported {result.stdout.strip()}"

@@ -33,8 +33,8 @@ from scale.media import MediaTooLarge
 from scale.media import video as video_reader
 from scale.media.image import decode_image
 from scale.media.video import read_frames
-from scale.modalities.base import RawSample
-from scale.modalities.image import PixelStem
+from scale.modalities.image.stems import PixelStem
+from scale.modalities.spec import RawSample
 from tests.conftest import ROOT, TINY_YAML, tiny_config
 from tests.test_features import UNPICKLED, Tripwire  # an object that records being unpickled
 

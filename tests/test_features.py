@@ -22,7 +22,7 @@ from datamodules.shards import write_shards
 from scale.config import MODALITIES, ModelConfig
 from scale.model import SCALE
 from scale.modalities import stem_class
-from scale.modalities.base import DecodeContext, RawSample
+from scale.modalities.spec import DecodeContext, RawSample
 from tests.conftest import tiny_config
 from tests.test_data import read_tar_members
 from tests.test_model import (

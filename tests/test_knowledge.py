@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from scale.config import MODALITIES
 from scale.model import SCALE
 from scale.modalities.base import Masked
-from scale.modalities.knowledge import LINK_TEMPERATURE, TableMasked, link_prediction_loss, packed_spans
-from scale.modalities.text import BertModality
+from scale.modalities.table.knowledge import LINK_TEMPERATURE, TableMasked, link_prediction_loss, packed_spans
+from scale.modalities.text.stems import BertModality
 from tests.conftest import tiny_config
 from tests.test_model import all_patterns, random_batch
 

@@ -13,10 +13,10 @@ from datamodules.m5product import eval_dataloader
 from datamodules.shards import write_shards
 from scale.config import ModelConfig
 from scale.modalities import REGISTRY, batch_layout, build_modalities
-from scale.modalities.base import FileField, RecordField
+from scale.modalities.spec import FileField, RecordField
 from tests.conftest import tiny_config
 
-STEMS = [(name, stem) for name, spec in REGISTRY.items() for stem in spec.stems]
+STEMS = [(name, stem) for name, spec in REGISTRY.items() for stem in spec.stem_classes()]
 
 
 def config_with(modality: str, stem: str) -> ModelConfig:
@@ -30,7 +30,7 @@ def config_with(modality: str, stem: str) -> ModelConfig:
 @pytest.mark.parametrize("modality, stem", STEMS, ids=[f"{m}.{s}" for m, s in STEMS])
 def test_placeholder_and_examples_are_the_declared_tensors(modality, stem):
     config = config_with(modality, stem)
-    stem_class = REGISTRY[modality].stems[stem]
+    stem_class = REGISTRY[modality].stem_classes()[stem]
     declared = stem_class.tensors(getattr(config, modality))
     absent = stem_class.absent(getattr(config, modality))
     example = stem_class.example(getattr(config, modality), 3)
@@ -54,7 +54,7 @@ def test_every_field_names_limits_that_exist():
                     assert source.derive.source in {f.name for s in REGISTRY.values() for f in s.fields}
             else:
                 assert isinstance(source, RecordField) and (source.max_chars is None or source.max_chars in limits)
-        for stem in spec.stems.values():
+        for stem in spec.stem_classes().values():
             assert set(stem.members()) <= {m for f in spec.fields if isinstance(f, FileField) for m in f.members}
 
 

@@ -26,11 +26,10 @@ import torch
 from torch import Tensor, nn
 
 from scale.media import MediaError, MediaTooLarge
-from scale.modalities.base import (
-    DecodeContext, Encoded, Masked, Missing, Modality, ModalitySpec, RawSample, RecordField, TensorSpec,
-)  # fmt: skip
+from scale.modalities.base import Encoded, Masked, Modality, TensorSpec
 from scale.modalities.masking import MaskedRegression, after_pooled_token, mask_slots
-from scale.modalities.transformer import MeanTokenTrunk, TrunkConfig
+from scale.modalities.spec import DecodeContext, Missing, ModalitySpec, RawSample, RecordField, TrunkConfig
+from scale.modalities.transformer import MeanTokenTrunk
 
 # ---- the modality: config, limits, field, stem, spec --------------------------------------------
 
@@ -121,7 +120,8 @@ class PriceStem(Modality):
         return self.head(fused_tokens, masked, sample_weight)
 
 
-MODALITY = ModalitySpec(name="price", config=PriceConfig, limits=PriceLimits, stems={"log_fourier": PriceStem})
+MODALITY = ModalitySpec(name="price", config=PriceConfig, fields=(PRICE,), stems={"log_fourier": PriceStem},
+                        limits=PriceLimits)  # fmt: skip
 
 
 # ---- the tests: what users run, with this module as a plugin ------------------------------------

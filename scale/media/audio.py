@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import io
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import soundfile
-import torch
-import torchaudio
 
 from scale.media import MediaError, MediaTooLarge
+
+if TYPE_CHECKING:
+    import torch
 
 MAX_SAMPLE_RATE = 384_000
 MAX_CHANNELS = 16
@@ -50,8 +52,11 @@ def check_audio(data: bytes, limits) -> None:
         read_header(sound, limits.max_audio_seconds)
 
 
-def read_wave(data: bytes, seconds: float, rate: int, max_seconds: float | None = None) -> torch.Tensor:
+def read_wave(data: bytes, seconds: float, rate: int, max_seconds: float | None = None) -> "torch.Tensor":
     """The first `seconds` of the audio as a mono float32 wave at `rate` (only those are decoded)."""
+    import torch  # the loader's; the converter's checks need neither torch nor torchaudio
+    import torchaudio
+
     with _open(data) as sound:
         read_header(sound, max_seconds)
         native = sound.samplerate

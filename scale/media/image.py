@@ -13,7 +13,6 @@ import io
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import torch
 from PIL import Image, UnidentifiedImageError
 
 from scale.media import MediaError, MediaTooLarge
@@ -61,7 +60,7 @@ def check_image(data: bytes, limits) -> None:
             raise MediaError(f"{image.format}: {error}", reason) from None
 
 
-def decode_image(data: bytes, transform, max_pixels: int | None = None, size: int | None = None) -> torch.Tensor:
+def decode_image(data: bytes, transform, max_pixels: int | None = None, size: int | None = None):
     """Image bytes -> `transform(RGB image)`. `size` lets a JPEG decode at 1/2, 1/4 or 1/8 scale
     (DCT scaling, much faster) while staying at least size x size for the transform's resize."""
     with open_image(data, max_pixels) as image:

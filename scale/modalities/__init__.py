@@ -1,11 +1,15 @@
-"""The modality registry: key -> `ModalitySpec` (`base.py`), in fusion order.
+"""The modality registry: key -> `ModalitySpec` (`spec.py`), in fusion order.
 
-M5Product's five modalities are built in (`text`, `table`, `image`, `video`, `audio`, one file each).
-A new one is one module defining `MODALITY = ModalitySpec(...)`, named in
-the `SCALE_PLUGINS` environment variable (comma-separated names of importable modules: installed, or
-on PYTHONPATH) or in an installed package's `scale.modalities` entry points. A modality
-module imports from `scale.modalities.base` (and `masking`, `transformer`, `scale.media`), never the
-registry or `scale.config`, which do not exist yet while it loads.
+M5Product's five modalities are built in (`text`, `table`, `image`, `video`, `audio`): one folder
+each, whose `__init__.py` declares it (config, limits, fields and their checks: no torch, so the
+converter and the config read it cheaply) and whose `stems.py` implements its input variants
+(`base.py` is their interface), imported when a model or a decoder first needs them.
+
+A new modality is one module (or package) defining `MODALITY = ModalitySpec(...)`, named in the
+`SCALE_PLUGINS` environment variable (comma-separated names of importable modules: installed, or on
+PYTHONPATH) or in an installed package's `scale.modalities` entry points. It imports from
+`scale.modalities.spec` and `base` (and `masking`, `transformer`, `scale.media`), never the registry
+or `scale.config`, which do not exist yet while it loads.
 
 The registry is loaded once, on first use (`REGISTRY`), and fixed for the process: the model config
 (`scale.config.ModelConfig`) and the data limits gather every registered modality's section when
@@ -23,11 +27,17 @@ import os
 from importlib.metadata import entry_points
 from types import ModuleType
 
-from torch import nn
+from typing import TYPE_CHECKING
 
-from scale.modalities.base import BuildContext, Encoded, Masked, Modality, ModalitySpec
+from scale.modalities.spec import ModalitySpec
 
-__all__ = ["BUILTIN", "PluginError", "Encoded", "Masked", "Modality", "ModalitySpec", "REGISTRY", "build_modalities", "spec"]
+if TYPE_CHECKING:
+    from torch import nn
+
+    from scale.modalities.base import Modality
+
+__all__ = ["BUILTIN", "PluginError", "ModalitySpec", "REGISTRY", "batch_layout", "build_modalities", "registry",
+           "spec", "stem_class"]  # fmt: skip
 
 BUILTIN: tuple[str, ...] = ("text", "table", "image", "video", "audio")
 """M5Product's modalities, in the order their token segments are concatenated for fusion."""
@@ -99,14 +109,18 @@ def spec(name: str) -> ModalitySpec:
                          f"modality is loaded with {PLUGINS_ENV}=<module>)") from None  # fmt: skip
 
 
-def stem_class(config, name: str) -> type[Modality]:
+def stem_class(config, name: str) -> "type[Modality]":
     """The stem class of modality `name` under `config` (a ModelConfig)."""
     return spec(name).stem_class(getattr(config, name))
 
 
-def build_modalities(config, load_weights: bool = True) -> nn.ModuleDict:
+def build_modalities(config, load_weights: bool = True) -> "nn.ModuleDict":
     """The encoders of `config.modalities`, in fusion order (`load_weights=False`: pretrained
     towers are built from their architecture only, a checkpoint's weights are loaded after)."""
+    from torch import nn
+
+    from scale.modalities.base import BuildContext
+
     context = BuildContext(config, load_weights)
     return nn.ModuleDict({name: stem_class(config, name).build(context) for name in config.modalities})
 

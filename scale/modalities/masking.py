@@ -54,7 +54,7 @@ def after_pooled_token(chosen: Tensor) -> Tensor:
 class MaskedRegression(nn.Module):
     """Predict each masked position's target vector from its fused token (one Linear); the MSE is
     averaged over the target's dimensions, then over the masked positions, each scaled by its
-    sample's harmonization weight (SPEC: regression losses are averaged over positions and dims)."""
+    sample's harmonization weight (the official regression losses are averaged over positions and dims)."""
 
     def __init__(self, width: int, target_dim: int):
         super().__init__()

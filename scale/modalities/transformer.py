@@ -4,32 +4,13 @@ so every trunk in the project uses the same, well-tested attention."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from scale.modalities.base import Encoded
-
-
-@dataclass
-class TrunkConfig:
-    """What the image, video and audio encoders share: a transformer trunk and one masked task."""
-
-    hidden: int = 768
-    """Trunk width."""
-    layers: int = 6
-    """Trunk depth."""
-    heads: int = 12
-    """Attention heads."""
-    mlp_ratio: float = 4.0
-    """Feed-forward expansion."""
-    masked_modeling: bool = True
-    """The modality's masked-feature regression (patches, frames or audio tokens)."""
-    mask_prob: float = 0.15
-    """Share of the modality's tokens chosen for masked modeling."""
+from scale.modalities.spec import TrunkConfig
 
 
 class TokenTransformer(nn.Module):

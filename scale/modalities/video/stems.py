@@ -1,82 +1,18 @@
-"""Product video: one token per frame (or per clip feature) -> temporal transformer. Two stems:
-
-- `frames` (`FrameStem`): T uniformly sampled decoded frames. Each frame is cut into patches by a
-  strided convolution and the patch embeddings are averaged into one frame token (cheap enough for
-  12 frames on a CPU).
-- `features` (`ClipFeatureStem`): M5Product's released per-second S3D clip features (the official
-  model's input), one Linear per clip. Videos shorter than `frames` seconds are padded, and
-  `frame_mask` keeps the padding out of attention, out of the mean token and out of masked modeling.
-
-Either way a mean token is prepended, as in the official model, and learned temporal positions are
-added (`MeanTokenTrunk`).
-
-Masked frame modeling: 15 % of the real frames (at least one) are zeroed and regressed. The target
-must be *fixed*, never the model's own embedding (that would be solved by collapse): for decoded
-frames it is each frame's colour layout (the frame average-pooled to `target_grid` x `target_grid`),
-for clip features it is the original clip feature (the official target).
-"""
-
+"""The video's two stems: `frames` (decoded MP4 frames) and `features` (M5Product's clip
+features), sharing the mean-token trunk and the masked-frame head (package docstring: `__init__.py`)."""
 from __future__ import annotations
-
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from scale.media.arrays import check_npy, load_npy, pad_rows
-from scale.media.video import check_video, read_frames
-from scale.modalities.base import (
-    DecodeContext, Encoded, FileField, Masked, Modality, ModalitySpec, RawSample, TensorSpec, first_slots_real,
-)  # fmt: skip
+from scale.media.arrays import load_npy, pad_rows
+from scale.media.video import read_frames
+from scale.modalities.base import Encoded, Masked, Modality, TensorSpec, first_slots_real
 from scale.modalities.masking import MaskedRegression, after_pooled_token, mask_slots
-from scale.modalities.transformer import MeanTokenTrunk, TrunkConfig
-
-MB = 2**20
-
-
-@dataclass
-class VideoConfig(TrunkConfig):
-    """Product video: frames sampled uniformly (or per-second clip features), one token per frame,
-    a temporal transformer; masked frame regression."""
-
-    stem: Literal["frames", "features"] = "frames"
-    """`frames`: decoded MP4 frames. `features`: M5Product's per-second S3D clip features
-    (`<key>.video.npy`, T x `feature_dim`, the first `frames` used)."""
-    feature_dim: int = 1024
-    """Clip feature width (official S3D: 1024)."""
-    frames: int = 12
-    """Frames sampled per video (official: 12 one-per-second clip features)."""
-    size: int = 112
-    """Square frame resolution in pixels."""
-    patch: int = 16
-    """Patch size of the per-frame embedding (patches are averaged into one token per frame)."""
-    target_grid: int = 4
-    """Masked-frame target: the frame average-pooled to `target_grid` x `target_grid` x 3 values.
-    A fixed target (not the learned frame embedding) so the task cannot be solved by collapse."""
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    """Per-channel normalisation mean of decoded frames (as the image's)."""
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    """Per-channel normalisation std of decoded frames."""
-
-
-@dataclass
-class VideoLimits:
-    max_video_bytes: int = 512 * MB
-    """Largest video file decoded."""
-    max_video_pixels: int = 4096 * 2160
-    """Largest width x height of a video stream (4K)."""
-    max_video_seconds: float = 3600.0
-    """Longest video accepted (from its container header)."""
-    video_timeout_s: float = 20.0
-    """Wall-clock limit on decoding one video; past it the decoding process is killed and the video
-    counted as `video: timeout` (decord is known to hang on some files)."""
-
-
-VIDEO = FileField("video", {".mp4": "mp4"}, "max_video_bytes", check_video)
-CLIP_FEATURES = FileField("video_features", {".npy": "video.npy"}, "max_npy_bytes", check_npy)
-
+from scale.modalities.spec import DecodeContext, RawSample
+from scale.modalities.transformer import MeanTokenTrunk
+from scale.modalities.video import CLIP_FEATURES, VIDEO, VideoConfig
 
 class VideoStem(Modality):
     """What both stems share: a per-frame embedding (the stem's), the mean-token trunk and the
@@ -200,5 +136,4 @@ class ClipFeatureStem(VideoStem):
         return self.embed(torch.where(real[..., None], features, torch.zeros((), dtype=features.dtype, device=features.device)))
 
 
-MODALITY = ModalitySpec(name="video", config=VideoConfig, limits=VideoLimits,
-                        stems={"frames": FrameStem, "features": ClipFeatureStem})  # fmt: skip
+STEMS = {"frames": FrameStem, "features": ClipFeatureStem}

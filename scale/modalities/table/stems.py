@@ -1,13 +1,14 @@
-"""Property-value table: `[CLS] k1 v1 k2 v2 ... [SEP]` through a BERT; masked entity modeling, and
+"""The table's stem, `pairs`: `[CLS] k1 v1 k2 v2 ... [SEP]` through a BERT; masked entity modeling, and
 optionally K3M's knowledge pieces (link prediction, structure aggregation; `knowledge.py`).
 
-MEM (SPEC section 3): each property-value pair is picked with probability `mask_prob`; for a picked
-pair, either every token of its key or every token of its value is replaced by [MASK] and
-predicted through the LM head. Whole-entity masking is what makes the task about product knowledge
-rather than word completion (the paper reports +1.45 accuracy over word-level masking).
+MEM (the SCALE paper's masked entity modeling): each property-value pair is picked with probability
+`mask_prob`; for a picked pair, either every token of its key or every token of its value is
+replaced by [MASK] and predicted through the LM head. Whole-entity masking is what makes the task
+about product knowledge rather than word completion (the paper reports +1.45 accuracy over
+word-level masking).
 
-LPM (`link_prediction`, SPEC section 5): on top of MEM, one pair per product with a pair has its
-whole value masked; `extra_losses` predicts it from the fused product and the pair's key. MEM may
+LPM (`link_prediction`, K3M's link prediction): on top of MEM, one pair per product with a pair has
+its whole value masked; `extra_losses` predicts it from the fused product and the pair's key. MEM may
 pick the same pair, but then always its value: the key of the LPM triple is never hidden.
 
 The data pipeline provides, per token, `entity_index` (which pair it belongs to, -1 for special and
@@ -16,89 +17,18 @@ padding tokens) and `entity_role` (0 key, 1 value).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Literal
-
 import torch
 from torch import Tensor
 
-from scale.modalities.base import (
-    BuildContext, DecodeContext, Encoded, Masked, ModalitySpec, Note, RawSample, RecordField, TensorSpec, clean_string,
-)  # fmt: skip
+from scale.modalities.base import BuildContext, Encoded, Masked, TensorSpec
 from scale.modalities.bert import BertTower
-from scale.modalities.knowledge import LinkPrediction, StructureAggregation, TableMasked, pair_membership, span_mean
 from scale.modalities.masking import bernoulli_positions
-from scale.modalities.text import BertModality, special_token_ids, text_tower
+from scale.modalities.spec import DecodeContext, RawSample
+from scale.modalities.table import TABLE, TableConfig
+from scale.modalities.table.knowledge import LinkPrediction, StructureAggregation, TableMasked, pair_membership, span_mean
+from scale.modalities.text.stems import BertModality, special_token_ids, text_tower
 from scale.pretrained_paths import load_tokenizer
-from scale.shard_format import TABLE_PAIR_SEPARATOR, format_table, parse_table
-
-
-@dataclass
-class TableConfig:
-    """Property-value table, tokenised as `[CLS] k1 v1 k2 v2 ... [SEP]`."""
-
-    max_tokens: int = 64
-    """Token budget including [CLS] and [SEP] (official: 64)."""
-    share_text_encoder: bool = True
-    """Run the table through the text BERT (official code) instead of a BERT of its own."""
-    hidden: int = 768
-    """Width of the table's own BERT (only when `share_text_encoder` is false)."""
-    layers: int = 6
-    """Layers of the table's own BERT (only when `share_text_encoder` is false)."""
-    heads: int = 12
-    """Heads of the table's own BERT (only when `share_text_encoder` is false)."""
-    mlp: int = 3072
-    """Feed-forward width of the table's own BERT (only when `share_text_encoder` is false)."""
-    max_pairs: int = 16
-    """Property-value pairs kept per product (the rest are dropped before tokenisation)."""
-    pooling: Literal["mean", "cls"] = "mean"
-    """The pooled (first) token, as `text.pooling`."""
-    masked_modeling: bool = True
-    """Masked entity modeling (MEM): whole keys or whole values are masked and predicted."""
-    mask_prob: float = 0.15
-    """Probability that a property-value pair is picked for MEM."""
-    link_prediction: bool = False
-    """K3M link prediction (LPM): each product's pairs are triples <item, property, value>; one
-    triple per product has its whole value masked (its key always stays visible) and is predicted
-    from the fused product (table token 0) and its property (mean of the key's fused tokens), by
-    InfoNCE (temperature 0.07) against the other products' values in the global batch, embedded as
-    the mean of their word embeddings; candidates with the same value string are excluded.
-    Logged as `table/link_prediction`, weighted by the table's harmonization weight."""
-    structure_pooling: bool = False
-    """K3M structure aggregation: the table's pooled token becomes c + W * sum_j a_j t_j, attention
-    of the pooled token c over the product's triples t_j (mean of the pair's key and value token
-    outputs), existing pairs only. It also changes the table's contrastive / retrieval vector."""
-
-
-@dataclass
-class TableLimits:
-    max_table_chars: int = 20000
-    """Table strings are cut to this many characters (at a pair boundary) before parsing."""
-
-
-def clean_table(value: Any, limits: Any) -> tuple[str | None, list[Note]]:
-    """The converter's check of a table string: cut at a pair boundary (never half a pair), dropped
-    without one `key#:#value` pair, kept with a note when some pairs are malformed (the decoder
-    skips those)."""
-
-    def at_pair_boundary(text: str, cap: int) -> str:
-        cut = text[:cap]
-        return cut[: cut.rindex(TABLE_PAIR_SEPARATOR)] if TABLE_PAIR_SEPARATOR in cut else cut
-
-    table, notes = clean_string(value, limits, TABLE, cut=at_pair_boundary)
-    if table is None:
-        return None, notes
-    valid = len(parse_table(table))
-    malformed = sum(1 for item in table.split(TABLE_PAIR_SEPARATOR) if item.strip()) - valid
-    if not valid:
-        return None, [*notes, ("malformed", f"no key#:#value pair in {table[:60]!r}", "dropped")]
-    if malformed:
-        notes.append(("malformed_pairs", f"{malformed} malformed pair(s) skipped, {valid} kept", "kept"))
-    return table, notes
-
-
-TABLE = RecordField("table", official="pv", max_chars="max_table_chars", clean=clean_table,
-                    noise=lambda words: format_table(zip(words[::2], words[1::2])))  # fmt: skip
+from scale.shard_format import parse_table
 
 
 def tokenize_table(tokenizer, pairs: list[tuple[str, str]], max_tokens: int) -> dict[str, torch.Tensor]:
@@ -238,4 +168,4 @@ class TableModality(BertModality):
         return {"link_prediction": self.link(fused_tokens, masked, sample_weight, word_embeddings)}
 
 
-MODALITY = ModalitySpec(name="table", config=TableConfig, limits=TableLimits, stems={"pairs": TableModality})
+STEMS = {"pairs": TableModality}

@@ -1,67 +1,26 @@
-"""Title text: WordPiece ids -> BERT -> tokens; masked language modeling (15 %, 80/10/10).
+"""The title's stem: WordPiece ids -> BERT -> tokens; masked language modeling (15 %, 80/10/10).
 
 `BertModality` is what text and table share: ids and an attention mask through a `BertTower`
-(`bert.py`), scored MLM-style through its tied LM head. The text tower is built once per model
+(`../bert.py`), scored MLM-style through its tied LM head. The text tower is built once per model
 (`text_tower`) and the table runs through it too by default (`TableConfig.share_text_encoder`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from scale.modalities.base import (
-    BuildContext, DecodeContext, Encoded, Masked, Modality, ModalitySpec, RawSample, RecordField, TensorSpec,
-    clean_string,
-)  # fmt: skip
+from scale.modalities.base import BuildContext, Encoded, Masked, Modality, TensorSpec
 from scale.modalities.bert import BertTower, token_masking
 from scale.modalities.masking import bernoulli_positions, weighted_mean
+from scale.modalities.spec import DecodeContext, RawSample
+from scale.modalities.text import TITLE, TextConfig
 from scale.modalities.transformer import mean_token
 from scale.pretrained_paths import load_tokenizer
-
-
-@dataclass
-class TextConfig:
-    """Title text: WordPiece tokens into a BERT encoder."""
-
-    max_tokens: int = 36
-    """Token budget including [CLS] and [SEP] (official: 36)."""
-    pretrained: str | None = None
-    """A directory holding a Hugging Face BERT (`config.json` + weights) or `minilm` for the bundled
-    MiniLM-L6; `None` builds a randomly initialised BERT from the size fields below."""
-    hidden: int = 768
-    """BERT width (ignored when `pretrained` is set)."""
-    layers: int = 6
-    """BERT layers (ignored when `pretrained` is set)."""
-    heads: int = 12
-    """Attention heads (ignored when `pretrained` is set)."""
-    mlp: int = 3072
-    """Feed-forward width (ignored when `pretrained` is set)."""
-    pooling: Literal["mean", "cls"] = "mean"
-    """The pooled (first) token: `mean` of the attended token outputs, or BERT's `cls` output (the
-    official code). A randomly initialised post-LN BERT's [CLS] output barely varies across samples,
-    which stalls the contrastive loss: measured on the demo data, text-table InfoNCE stayed at 3.42
-    over 150 steps with `cls` and fell to 1.07 with `mean`."""
-    masked_modeling: bool = True
-    """Masked language modeling (MLM) on the title: 15 % of tokens, 80/10/10 replacement."""
-    mask_prob: float = 0.15
-    """Share of non-special title tokens chosen for MLM."""
-
-
-@dataclass
-class TextLimits:
-    max_title_chars: int = 2000
-    """Titles are cut to this many characters before tokenising (the tokenizer's cost grows with
-    the input, however few tokens are kept)."""
-
-
-TITLE = RecordField("title", official="title", max_chars="max_title_chars", noise=" ".join,
-                    clean=lambda value, limits: clean_string(value, limits, TITLE))  # fmt: skip
 
 
 def special_token_ids(tokenizer) -> dict[str, int]:
@@ -180,10 +139,4 @@ class TextModality(BertModality):
         return Masked(inputs={**inputs, "input_ids": corrupted}, positions=chosen, targets=ids[chosen])
 
 
-def _resolve_text_encoder(config: Any, directory: Path) -> None:
-    if config.text.pretrained == "text_encoder":
-        config.text.pretrained = str(directory / "text_encoder")
-
-
-MODALITY = ModalitySpec(name="text", config=TextConfig, limits=TextLimits, stems={"wordpiece": TextModality},
-                        resolve_assets=_resolve_text_encoder)  # fmt: skip
+STEMS = {"wordpiece": TextModality}

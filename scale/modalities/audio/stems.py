@@ -1,91 +1,18 @@
-"""Audio: normalised log-mel frames, grouped `frames_per_token` at a time, into a transformer.
-
-Two stems with the same encoder; they differ in where the frames come from:
-- `waveform` (`WaveformStem`): the audio file (WAV, FLAC or MP3, or the video's sound track, which
-  the converter keeps as FLAC) decoded here and turned into Kaldi fbank frames (torchaudio);
-- `features` (`MelStem`): M5Product's released mel spectrogram (80 x 751, transposed).
-Both arrive as (num_frames, mel_bins) frames plus a valid frame count `length`; tokens past
-`length` are padding, masked out of attention. A mean token is prepended, as in the official model.
-Masked audio modeling zeroes 15 % of the real tokens (at least one) and regresses their original
-frame values (the official model's target is its mel frames, too).
-"""
-
+"""The audio's two stems: `waveform` (an audio file -> Kaldi fbank) and `features` (M5Product's
+mel spectrogram), one encoder (package docstring: `__init__.py`)."""
 from __future__ import annotations
-
-from dataclasses import dataclass
-from typing import Any, Literal
 
 import torch
 import torchaudio
 from torch import Tensor, nn
 
-from scale.media.arrays import check_npy, load_npy, pad_rows
-from scale.media.audio import check_audio, flac_bound, probe_track, read_wave, track_to_flac
-from scale.modalities.base import (
-    DecodeContext, Derived, Encoded, FileField, Masked, Modality, ModalitySpec, RawSample, TensorSpec,
-)  # fmt: skip
+from scale.media.arrays import load_npy, pad_rows
+from scale.media.audio import read_wave
+from scale.modalities.audio import AUDIO, MEL, AudioConfig
+from scale.modalities.base import Encoded, Masked, Modality, TensorSpec
 from scale.modalities.masking import MaskedRegression, after_pooled_token, bernoulli_positions
-from scale.modalities.transformer import MeanTokenTrunk, TrunkConfig
-
-MB = 2**20
-
-
-@dataclass
-class AudioConfig(TrunkConfig):
-    """Audio: log-mel filterbank (Kaldi fbank) frames, grouped into tokens, into a transformer;
-    masked audio-token regression of the original fbank values."""
-
-    stem: Literal["waveform", "features"] = "waveform"
-    """`waveform`: WAV decoded and turned into Kaldi fbank here. `features`: M5Product's
-    pre-extracted mel spectrogram (`<key>.mel.npy`, `mel_bins` x `feature_frames`: 80 x 751 for the
-    first 12 s at 16 kHz, n_fft 1024, hop 256)."""
-    feature_frames: int = 751
-    """Mel frames per clip in the `features` stem (official: 751)."""
-    sample_rate: int = 16000
-    """Rate audio is resampled to before features (official: 16 kHz)."""
-    seconds: float = 12.0
-    """Seconds of audio kept from the start (official: 12 s); shorter audio is zero-padded."""
-    mel_bins: int = 80
-    """Mel filterbank channels (official: 80)."""
-    frames_per_token: int = 16
-    """10-ms fbank frames grouped into one token."""
-    norm_mean: float = -4.27
-    """fbank normalisation mean (AudioSet statistics, as in AST)."""
-    norm_std: float = 4.57
-    """fbank normalisation std."""
-
-    @property
-    def num_frames(self) -> int:
-        """Frames per clip, as the stem produces them (`WaveformStem` / `MelStem`.frames)."""
-        return MODALITY.stem_class(self).frames(self)
-
-    @property
-    def num_tokens(self) -> int:
-        """Audio tokens after grouping (trailing frames that do not fill a token are dropped)."""
-        return self.num_frames // self.frames_per_token
-
-
-@dataclass
-class AudioLimits:
-    max_audio_bytes: int = 128 * MB
-    """Largest audio file decoded."""
-    max_audio_seconds: float = 3600.0
-    """Longest audio accepted (from its header)."""
-
-
-def _track_budget(video_path: str, limits: Any) -> float | None:
-    seconds = probe_track(video_path)  # reserve room for the FLAC, so the shard byte bound holds
-    return None if seconds is None else min(seconds + 1.0, limits.max_audio_seconds)
-
-
-AUDIO = FileField(
-    "audio", {".wav": "wav", ".flac": "flac", ".mp3": "mp3"}, "max_audio_bytes", check_audio,
-    # A product without an audio file takes the sound track of its MP4, as 16 kHz mono FLAC.
-    derive=Derived(member="flac", source="video", probe=_track_budget, bound=flac_bound, make=track_to_flac,
-                   reason="from_video"),
-)  # fmt: skip
-MEL = FileField("audio_mel", {".npy": "mel.npy"}, "max_npy_bytes", check_npy)
-
+from scale.modalities.spec import DecodeContext, RawSample
+from scale.modalities.transformer import MeanTokenTrunk
 
 class AudioStem(Modality):
     """The encoder both stems share; a stem says where its frames come from (`decode`, `frames`)."""
@@ -192,5 +119,4 @@ class MelStem(AudioStem):
         return cls.normalised(torch.from_numpy(mel), config)
 
 
-MODALITY = ModalitySpec(name="audio", config=AudioConfig, limits=AudioLimits,
-                        stems={"waveform": WaveformStem, "features": MelStem})  # fmt: skip
+STEMS = {"waveform": WaveformStem, "features": MelStem}

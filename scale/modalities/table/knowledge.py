@@ -1,4 +1,4 @@
-"""K3M's knowledge modality on the table (SPEC section 5): the property-value pairs read as triples.
+"""K3M's knowledge modality on the table (the K3M paper): the property-value pairs read as triples.
 
 K3M treats a product's pairs as a small knowledge graph, triples <item, property, value>, and adds two
 pieces to a plain table encoder. Both are switchable on `TableConfig` and build no parameter when off.

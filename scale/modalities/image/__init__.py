@@ -1,0 +1,89 @@
+"""Main product image, two stems (`stems.py`):
+
+- `pixels` (`PixelStem`): the decoded JPEG / PNG / WebP through a timm Vision Transformer, the
+  modern equivalent of the official model. Masked patch modeling is the raw-pixel counterpart of
+  the official masked region modeling: 15 % of patches are chosen, 90 % of those have their pixels
+  zeroed (zero = the dataset mean after normalisation), and the normalised pixels of every chosen
+  patch are regressed with MSE. Zeroing in pixel space (rather than inside the ViT) keeps timm's
+  model untouched.
+- `regions` (`RegionStem`): M5Product's released features, per image up to 36 Faster R-CNN regions
+  (bottom-up attention, 2048-d each) with a 5-d box (x1/W, y1/H, x2/W, y2/H, area), embedded as the
+  official model does (UNITER): one Linear for the feature, one for the box, summed and
+  layer-normalised; a mean token (the masked mean over the real regions) first, so the sequence is
+  1 + `max_regions` long, padding regions masked out. The trunk's learned positions index the
+  detector's output order (regions come sorted by detection confidence, so the index is a
+  confidence rank; where a region *is* comes from its box). Masked region modeling: 15 % of the real
+  regions of a present sample (at least one), 90 % of those zeroed (the box is kept, as in UNITER),
+  the original feature of every chosen region regressed with MSE.
+
+The declaration the converter and the config read (no torch): the config section, the limits, the
+fields (the image file: JPEG, PNG or WebP; the region features and boxes) with their checks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from scale.media.arrays import check_npy
+from scale.media.image import check_image
+from scale.modalities.spec import FileField, ModalitySpec, TrunkConfig
+
+MB = 2**20
+
+
+@dataclass
+class ImageConfig(TrunkConfig):
+    """Main product image: a timm Vision Transformer over pixels, or pre-extracted region features;
+    masked patch / region regression."""
+
+    stem: Literal["pixels", "regions"] = "pixels"
+    """`pixels`: the image file through a ViT. `regions`: M5Product's pre-extracted Faster R-CNN regions
+    (`<key>.regions.npy`, up to `max_regions` x `region_dim`, with `<key>.boxes.npy` 5-d boxes)."""
+    max_regions: int = 36
+    """Regions kept per image (official: 36); fewer are padded and masked."""
+    region_dim: int = 2048
+    """Region feature width (official: 2048)."""
+    size: int = 224
+    """Square input resolution in pixels."""
+    patch: int = 16
+    """ViT patch size."""
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    """Per-channel normalisation mean (timm / ImageNet default)."""
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    """Per-channel normalisation std."""
+    zero_prob: float = 0.9
+    """Of the chosen patches, the share whose pixels are zeroed (the rest are left intact)."""
+
+
+@dataclass
+class ImageLimits:
+    max_image_bytes: int = 32 * MB
+    """Largest image file (encoded bytes) decoded."""
+    max_image_pixels: int = 40_000_000
+    """Largest width x height of an image, read from its header before decoding (decompression bombs)."""
+
+
+IMAGE = FileField("image", {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}, "max_image_bytes", check_image)
+REGIONS = FileField("image_regions", {".npy": "regions.npy"}, "max_npy_bytes", check_npy)
+BOXES = FileField("image_boxes", {".npy": "boxes.npy"}, "max_npy_bytes", check_npy)
+BOX_DIM = 5
+
+
+def pair_regions_and_boxes(parsed: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """The converter's check across a product's feature files: region features are unusable without
+    their boxes (and the reverse), and must have as many rows. Returns the files to drop."""
+    regions, boxes = parsed.get(REGIONS.name), parsed.get(BOXES.name)
+    if boxes is not None and boxes.shape[1] != BOX_DIM:
+        problem = ("bad_shape", f"boxes shape {boxes.shape}, expected (R, {BOX_DIM})")
+    elif regions is not None and boxes is not None and len(regions) != len(boxes):
+        problem = ("bad_shape", f"{len(regions)} regions but {len(boxes)} boxes")
+    elif (regions is None) != (boxes is None):
+        problem = ("unpaired", "region features and boxes come together; the other one is missing or unusable")
+    else:
+        return []
+    return [(source.name, *problem) for source in (REGIONS, BOXES) if source.name in parsed]
+
+
+MODALITY = ModalitySpec(name="image", config=ImageConfig, fields=(IMAGE, REGIONS, BOXES), stems="scale.modalities.image.stems",
+                        limits=ImageLimits, check_members=pair_regions_and_boxes)  # fmt: skip
