@@ -32,6 +32,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from scale.export import refused_to_unpickle
+
 
 def _is_local(path: str | Path) -> bool:
     return "://" not in str(path) or str(path).startswith("file://")
@@ -78,14 +80,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise ValueError(refused_to_unpickle(path, error)) from None
 
 
-def refused_to_unpickle(path: Any, error: pickle.UnpicklingError) -> str:
-    """One line for a checkpoint a weights-only load refused: torch's message is a page long, and
-    the line that names the offending global is the one worth keeping."""
-    lines = str(error).strip().splitlines()
-    reason = next((line for line in lines if "Unsupported global" in line), lines[0] if lines else "")
-    return f"{path}: not a plain checkpoint, refused to unpickle it ({reason.strip()})"
-
-
 class SCALECheckpoint(ModelCheckpoint):
     """Lightning's ModelCheckpoint that keeps `last` and always saves the run's final step.
 
@@ -111,6 +105,10 @@ class SCALECheckpoint(ModelCheckpoint):
             kwargs["train_time_interval"] = timedelta(minutes=every_n_minutes)
         super().__init__(*args, save_last=save_last, **kwargs)
 
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(trainer, pl_module, checkpoint)
+        finish_epoch_of_last_batch(checkpoint)
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
         if trainer.fast_dev_run or trainer.sanity_checking or self._last_global_step_saved == trainer.global_step:
@@ -123,4 +121,30 @@ class SCALECheckpoint(ModelCheckpoint):
         self._save_last_checkpoint(trainer, monitor_candidates)
 
 
-__all__ = ["AtomicCheckpointIO", "SCALECheckpoint", "atomic_torch_save", "refused_to_unpickle"]
+def finish_epoch_of_last_batch(checkpoint: dict[str, Any]) -> None:
+    """A checkpoint saved on the last batch of an epoch, before the epoch's end (a periodic save
+    that falls there; a preemption or a crash right after it), holds Lightning's mid-epoch loop
+    state with every batch done. Resumed as it is, Lightning miscounts the epochs: it trains the
+    next epoch but records it as the finished one, so that a second resume reruns an epoch or
+    trains one from an empty iterator. Its loop state is made that of the finished epoch instead
+    (the counters Lightning's own end-of-epoch save has): the batch counted as completed, the epoch
+    as processed. The data module then starts the next epoch from its first batch."""
+    loop = checkpoint.get("loops", {}).get("fit_loop")
+    if not loop:
+        return
+    batches, epochs = loop["epoch_loop.batch_progress"], loop["epoch_progress"]
+    current = batches["current"]
+    mid_epoch = epochs["current"]["processed"] < epochs["current"]["started"]
+    on_last_batch = batches.get("is_last_batch") and current["processed"] == current["ready"] == current["completed"] + 1
+    if not (mid_epoch and on_last_batch):
+        return
+    for progress in (batches["current"], batches["total"]):
+        progress["completed"] = progress["processed"]
+    for progress in (epochs["current"], epochs["total"]):
+        progress["processed"] = progress["started"]
+    state = loop.get("epoch_loop.state_dict", {})
+    if "_batches_that_stepped" in state:
+        state["_batches_that_stepped"] += 1
+
+
+__all__ = ["AtomicCheckpointIO", "SCALECheckpoint", "atomic_torch_save", "finish_epoch_of_last_batch", "refused_to_unpickle"]

@@ -23,6 +23,7 @@ a sample (`.pyd`, `.pickle`, `.pth`, ...) is ignored, never looked at. `.npy` fi
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from typing import Any
 
@@ -30,9 +31,10 @@ import torch
 
 from datamodules.error_budget import ErrorBudget
 from datamodules.limits import DataLimits
+from datamodules.tar_reader import DROPPING_ERRORS, MEMBER_ERRORS
 from scale.media import MediaTooLarge, check_size
-from scale.modalities import stem_class
-from scale.modalities.spec import DecodeContext, Missing, RawSample
+from scale.modalities import REGISTRY, stem_class
+from scale.modalities.spec import DecodeContext, FileField, Missing, RawSample, RecordField
 from scale.shard_format import RECORD_MEMBER
 
 
@@ -52,18 +54,22 @@ class SampleDecoder:
     """Turns one raw shard sample (`{"__key__", "json", "jpg", "mp4", "regions.npy", ...}` of bytes)
     into `{"key", "category", "instance", <modality>: {<tensors>, "present"}}`.
 
-    Counts, per data worker (each worker holds its own copy): `budget` (samples, errors per kind,
-    bad samples; an unusable JSON record drops its sample and counts as "json"), and `dropped`
-    (samples without any usable modality)."""
+    Counts, per data worker (each worker holds its own copy), in `budget`: samples, errors per
+    kind, bad samples (an unusable JSON record drops its sample and counts as "json") and
+    `dropped` samples (without any usable modality). `enforce_error_rate`: stop past
+    `limits.max_error_rate` here (a decoder used on its own); training enforces the job's budget
+    instead (`datamodules/error_budget.py`)."""
 
-    def __init__(self, config, limits: DataLimits | None = None, warn_every: int = 100):
+    def __init__(self, config, limits: DataLimits | None = None, warn_every: int = 100, enforce_error_rate: bool = True):
         self.config = config
         self.limits = limits or DataLimits()
         self.stems = {name: stem_class(config, name) for name in config.modalities}
+        self.record_fields = [source for name in self.stems for source in REGISTRY[name].fields
+                              if isinstance(source, RecordField)]  # fmt: skip
         self.context = DecodeContext(config, self.limits)
-        self.budget = ErrorBudget(self.limits.max_error_rate, self.limits.error_rate_min_samples, warn_every)
+        self.budget = ErrorBudget(self.limits.max_error_rate, self.limits.error_rate_min_samples, warn_every,
+                                  enforce=enforce_error_rate)  # fmt: skip
         self.count_error = self.budget.count
-        self.dropped = 0
 
     @property
     def errors(self) -> Counter[str]:
@@ -77,6 +83,19 @@ class SampleDecoder:
     def bad_samples(self) -> int:
         return self.budget.bad_samples
 
+    @property
+    def dropped(self) -> int:
+        return self.budget.counts.dropped
+
+    def member_limits(self) -> dict[str, int]:
+        """Each member's byte limit: the reader leaves a longer member unread (too large here)."""
+        limits = {RECORD_MEMBER: self.limits.max_json_member_bytes}
+        for name in self.stems:
+            for source in REGISTRY[name].fields:
+                if isinstance(source, FileField):
+                    limits.update((member, getattr(self.limits, source.max_bytes)) for member in source.members)
+        return limits
+
     def shard_fields(self) -> set[str]:
         """Every shard member this decoder may read: the stream does not read the others' bytes
         (a text-only model need not read 2 MB of video per sample)."""
@@ -88,8 +107,13 @@ class SampleDecoder:
 
     def _decode(self, sample: dict[str, Any]) -> dict[str, Any] | None:
         key = str(sample.get("__key__", "?"))
+        refused = sample.get(MEMBER_ERRORS, ())
+        for kind, detail in refused:  # what the tar reader refused (a link, a `..` name, a repeated key)
+            self.count_error(kind, key, detail)
+        if any(kind in DROPPING_ERRORS for kind, _ in refused):
+            return None
         try:
-            record = RawSample.parse_record(check_size(sample[RECORD_MEMBER], RECORD_MEMBER, self.limits.max_json_bytes))
+            record = self._record(sample[RECORD_MEMBER], key)
         except Exception as error:  # no record, too large, not JSON, not an object: nothing to label it by
             self.count_error(self._kind("json", error), key, error)  # counted as json, not in `dropped`
             return None
@@ -110,9 +134,30 @@ class SampleDecoder:
             any_present |= present
             decoded[name] = {**(value if present else stem.absent(config)), "present": torch.tensor(present)}
         if not any_present:
-            self.dropped += 1
+            self.budget.counts.dropped += 1
             return None
         return decoded
+
+    def _record(self, data: bytes, key: str) -> dict[str, Any]:
+        """The sample's record as used: each record field of the configured modalities cut to its
+        limit first, then `max_json_bytes` checked on what is left, so that a long title is cut,
+        not its product dropped. Bytes that are not UTF-8 become U+FFFD (counted, kept)."""
+        data = check_size(data, RECORD_MEMBER, self.limits.max_json_member_bytes)
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as error:
+            self.count_error("json: not utf-8", key, error)
+            text = data.decode("utf-8", errors="replace")
+        record = RawSample.parse_record(text)
+        used = {name: record[name] for name in ("category", "instance") if name in record}
+        for source in self.record_fields:
+            if source.name in record:
+                value = record[source.name]
+                if isinstance(value, str) and source.max_chars is not None:
+                    value = value[: getattr(self.limits, source.max_chars)]
+                used[source.name] = value
+        check_size(json.dumps(used).encode(), f"{RECORD_MEMBER} (its fields as used)", self.limits.max_json_bytes)
+        return used
 
     @staticmethod
     def _kind(modality: str, error: Exception) -> str:

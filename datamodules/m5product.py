@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 from datamodules.decode import SampleDecoder
 from datamodules.limits import DataLimits
 from datamodules.streams import ExactEpochStream, ResampledStream, plan_epoch, shard_sizes
+from scale.bounds import AT_LEAST_0, AT_LEAST_1, check_value
 from scale.config import ModelConfig
 from scale.shard_format import list_shards
 
@@ -89,6 +90,12 @@ class M5ProductDataModule(L.LightningDataModule):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"data.mode {mode!r}: expected one of {', '.join(MODES)}")
+        # A batch of 0 would never fill (a hang in resampled mode), a negative count a traceback.
+        for name, value, bound in (("batch_size", batch_size, AT_LEAST_1), ("num_workers", num_workers, AT_LEAST_0),
+                                   ("shuffle_buffer", shuffle_buffer, AT_LEAST_0)):  # fmt: skip
+            check_value(f"data.{name}", value, bound)
+        check_value("data.val_batch_size", val_batch_size, AT_LEAST_1, optional=True)
+        check_value("data.val_max_samples", val_max_samples, AT_LEAST_1, optional=True)
         self.train_shards = train_shards
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -127,9 +134,12 @@ class M5ProductDataModule(L.LightningDataModule):
         trainer = self._trainer_or_none()
         if trainer is None:
             return {}
-        # Saved from on_train_batch_end (ModelCheckpoint): `processed` counts the batch just trained.
+        # `processed` counts the batches of the last epoch started, the batch just trained included
+        # (saved from on_train_batch_end), or all of them once it ended (saved from on_train_end,
+        # when `trainer.current_epoch` already names the next epoch).
         progress = trainer.fit_loop.epoch_loop.batch_progress.current
-        return {"mode": self.mode, "epoch": trainer.current_epoch, "batches": progress.processed,
+        epoch = max(trainer.fit_loop.epoch_progress.current.started - 1, 0)
+        return {"version": 2, "mode": self.mode, "epoch": epoch, "batches": progress.processed,
                 "step": trainer.global_step}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -141,7 +151,13 @@ class M5ProductDataModule(L.LightningDataModule):
         A pure function of the trainer's progress and the restored position: the saved position
         applies while the trainer stands at the saved epoch *and* optimizer step, i.e. right after
         the restore, and never again (asking early, before Lightning restored its loops, consumes
-        nothing)."""
+        nothing).
+
+        A checkpoint saved once every batch of its epoch was trained (a periodic save on the
+        epoch's last batch, or the end of a run) resumes into the *next* epoch, and Lightning
+        trains that epoch from the iterator it asked for while it still stood at the saved one:
+        that iterator must deliver the next epoch from its start, not the finished one's empty
+        rest (which silently trained nothing for a whole epoch)."""
         trainer, resume = self._trainer_or_none(), self._resume or {}
         if trainer is None:  # iterated by hand: epochs count the loader's iterations, no step to match
             epoch, self._epochs_started = self._epochs_started, self._epochs_started + 1
@@ -149,8 +165,20 @@ class M5ProductDataModule(L.LightningDataModule):
         else:
             epoch, step = trainer.current_epoch, trainer.global_step
         if resume and resume.get("epoch") == epoch and resume.get("step", step) == step:
-            return epoch, int(resume["batches"])
+            batches = int(resume["batches"])
+            length = self._epoch_length()
+            if resume.get("version", 1) >= 2 and length is not None and batches >= length:
+                return epoch + 1, 0
+            return epoch, batches
         return epoch, 0
+
+    def _epoch_length(self) -> int | None:
+        """Batches the trainer takes per epoch (steps_per_epoch, or fewer with limit_train_batches)."""
+        trainer = self._trainer_or_none()
+        batches = getattr(trainer, "num_training_batches", None) if trainer is not None else None
+        if isinstance(batches, (int, float)) and 0 < batches < float("inf"):
+            return int(batches)
+        return self.steps_per_epoch() if self.mode == "exact" and hasattr(self, "train_urls") else None
 
     def steps_per_epoch(self) -> int | None:
         """Batches per epoch, the same on every rank (exact mode); None for an infinite stream."""
@@ -163,7 +191,8 @@ class M5ProductDataModule(L.LightningDataModule):
     # ---- loaders -----------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
         rank, world = self._distributed()
-        decoder = SampleDecoder(self.model_config, self.limits)
+        # The job's error budget (DataErrorStop) enforces the rate, over every worker and rank.
+        decoder = SampleDecoder(self.model_config, self.limits, enforce_error_rate=False)
         common = dict(decoder=decoder, batch_size=self.batch_size, shuffle_buffer=self.shuffle_buffer,
                       seed=self.seed, rank=rank, world=world)  # fmt: skip
         if self.mode == "exact":
@@ -186,7 +215,7 @@ class M5ProductDataModule(L.LightningDataModule):
         if self.val_shards is None:
             return []  # Lightning then skips validation
         rank, world = self._distributed()
-        decoder = SampleDecoder(self.model_config, self.limits)
+        decoder = SampleDecoder(self.model_config, self.limits, enforce_error_rate=False)
         stream = ExactEpochStream(self.val_urls, self.val_sizes, decoder, self.val_batch_size, seed=self.seed,
                                   rank=rank, world=world, shuffle_shards=False)  # fmt: skip
         # Persistent workers: the held-out stream is the same at every validation, so the workers

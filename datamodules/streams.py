@@ -22,15 +22,15 @@ Which batches each worker had delivered follows from the DataLoader's round-robi
 workers (`resume_point`). A resampled stream resumes with a fresh seed instead: replaying an
 infinite stream would mean re-reading everything read so far.
 
-Bad shards do not stop a stream: a truncated or unreadable tar ends that shard's part (counted as
-`tar` errors in the decoder's error counts, which enforce `max_error_rate`).
+Bad shards do not stop a stream: a truncated or unreadable tar ends that shard's part, and members
+that must not be read are refused (`datamodules/tar_reader.py`); both are counted as `tar` errors in
+the job's error budget, which enforces `max_error_rate`.
 """
 
 from __future__ import annotations
 
 import itertools
 import random
-import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +40,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from datamodules.collate import collate
 from datamodules.decode import SampleDecoder
-from scale.shard_format import SIZES_FILE, read_size_index, split_member
+from datamodules.error_budget import COUNTS_KEY, NoUsableSample
+from datamodules.tar_reader import read_samples
+from scale.shard_format import SIZES_FILE, read_size_index
 
 
 # ---- the shard index ----------------------------------------------------------------------------
@@ -62,59 +64,6 @@ def shard_sizes(urls: list[str]) -> list[int]:
             count = sum(1 for _ in read_samples(url))
         sizes.append(int(count))
     return sizes
-
-
-# ---- reading one shard --------------------------------------------------------------------------
-def read_samples(
-    url: str, start: int = 0, stop: int | None = None, on_error=None, fields: set[str] | None = None
-) -> Iterator[dict[str, Any]]:
-    """Samples `start` .. `stop`-1 of a tar shard as `{"__key__", "__url__", field: bytes}`, with
-    only the members in `fields` read (None: all).
-
-    Written on tarfile rather than webdataset's streaming iterator so that a local shard can be
-    entered at a sample offset by seeking over the members before it (a worker that owns the
-    second half of a 1-GB shard reads only that half). Other URLs (`pipe:`, `http://`) are streamed
-    with webdataset's `gopen` and the skipped samples read through. A read error (truncated or
-    corrupt tar) ends the shard: `on_error("tar", url, error)` is called, nothing is raised.
-    """
-    local = Path(url).is_file()
-    index, key, sample, yielded = -1, None, {}, 0
-    try:
-        if local:
-            tar = tarfile.open(url, mode="r:")
-        else:
-            import webdataset as wds
-
-            tar = tarfile.open(fileobj=wds.gopen(url), mode="r|")
-        with tar:
-            for member in tar:
-                name = split_member(member.name)
-                if not member.isfile() or name is None:
-                    continue
-                member_key, field = name
-                if member_key != key:
-                    if sample:
-                        yield sample
-                        yielded += 1
-                    index, key = index + 1, member_key
-                    if stop is not None and index >= stop:
-                        return
-                    sample = {"__key__": key, "__url__": url} if index >= start else {}
-                if sample and (fields is None or field in fields):
-                    sample[field] = tar.extractfile(member).read()
-            if sample:
-                yield sample
-                yielded += 1
-            # tarfile ends iteration silently at a truncated header: a complete archive ends with
-            # two zero blocks, and the index says how many samples to expect.
-            if local and tar.offset + 2 * tarfile.BLOCKSIZE > Path(url).stat().st_size:
-                raise tarfile.ReadError("truncated: the archive has no end-of-archive blocks")
-            if stop is not None and yielded < stop - start:
-                raise tarfile.ReadError(f"ended after {start + yielded} samples, expected {stop}")
-    except (tarfile.TarError, OSError, EOFError) as error:
-        if on_error is None:
-            raise
-        on_error("tar", url, error)
 
 
 def shuffled(samples: Iterator[dict], buffer_size: int, rng: random.Random) -> Iterator[dict]:
@@ -234,13 +183,18 @@ class _Stream(IterableDataset):
                  seed: int, rank: int = 0, world: int = 1):  # fmt: skip
         self.urls, self.decoder, self.batch_size = list(urls), decoder, batch_size
         self.shuffle_buffer, self.seed, self.rank, self.world = shuffle_buffer, seed, rank, world
-        self.fields = decoder.shard_fields()
+        self.fields, self.max_bytes = decoder.shard_fields(), decoder.member_limits()
         self.epoch = 0
         self.skip_batches = 0
         """Batches of this epoch this rank already trained on (set on resume; see the module doc)."""
 
     def _rng(self, kind: str, worker: int) -> random.Random:
         return random.Random(f"{kind}:{self.seed}:{self.epoch}:{self.rank}:{worker}:{self.skip_batches}")
+
+    def _batch(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        """The collated batch, carrying what the decoder counted since this worker's previous batch
+        (the job's error budget sums them in the training process)."""
+        return {**collate(samples), COUNTS_KEY: self.decoder.budget.take()}
 
 
 class ExactEpochStream(_Stream):
@@ -270,7 +224,7 @@ class ExactEpochStream(_Stream):
         # The shuffle seed leaves out skip_batches: a resumed worker must replay the same order.
         rng = random.Random(f"samples:{self.seed}:{self.epoch}:{self.rank}:{worker}")
         raw = itertools.chain.from_iterable(
-            read_samples(s.url, s.start, s.stop, self.decoder.count_error, self.fields) for s in plan.segments
+            read_samples(s.url, s.start, s.stop, self.decoder.count_error, self.fields, self.max_bytes) for s in plan.segments
         )
         raw = shuffled(raw, self.shuffle_buffer, rng)
         for _ in range(sum(plan.batch_sizes[:skip])):  # replay without decoding
@@ -286,11 +240,12 @@ class ExactEpochStream(_Stream):
                 self.decoder.count_error("empty_batch", f"epoch {self.epoch} rank {self.rank}", "no usable sample")
                 batch = [last_good]
             else:
-                raise RuntimeError(
-                    f"exact epoch {self.epoch}, rank {self.rank}, worker {worker}: no usable sample in "
-                    f"{[s.url for s in plan.segments]} (decode errors: {dict(self.decoder.errors)})"
+                raise NoUsableSample(
+                    f"exact epoch {self.epoch}, rank {self.rank}, worker {worker}: none of the {size} samples of its "
+                    f"first batch is usable, so the rank cannot take its step (errors: {dict(self.decoder.errors)}; "
+                    f"shards {[s.url for s in plan.segments]})"
                 )
-            yield collate(batch)
+            yield self._batch(batch)
 
 
 class ResampledStream(_Stream):
@@ -302,7 +257,8 @@ class ResampledStream(_Stream):
 
         def raw() -> Iterator[dict]:
             while True:
-                yield from read_samples(shard_rng.choice(self.urls), on_error=self.decoder.count_error, fields=self.fields)
+                yield from read_samples(shard_rng.choice(self.urls), on_error=self.decoder.count_error,
+                                        fields=self.fields, max_bytes=self.max_bytes)
 
         batch: list[dict] = []
         for sample in shuffled(raw(), self.shuffle_buffer, sample_rng):
@@ -310,5 +266,5 @@ class ResampledStream(_Stream):
             if decoded is not None:
                 batch.append(decoded)
             if len(batch) == self.batch_size:
-                yield collate(batch)
+                yield self._batch(batch)
                 batch = []

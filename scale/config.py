@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, make_dataclass
 from typing import Any, Literal
 
+from scale.bounds import AT_LEAST_0, AT_LEAST_1, BELOW_1, POSITIVE, SHARE, check_bounds
 from scale.modalities import REGISTRY
 from scale.pretrained_paths import BUNDLED_MINILM
 
@@ -38,6 +39,9 @@ class FusionConfig:
     """Fusion feed-forward width (official: 3072)."""
     dropout: float = 0.1
     """Dropout in the fusion blocks."""
+
+    BOUNDS = {"width": AT_LEAST_1, "layers": AT_LEAST_1, "heads": AT_LEAST_1, "mlp": AT_LEAST_1, "dropout": BELOW_1}
+    DIVISIBLE = (("width", "heads"),)
 
 
 @dataclass
@@ -76,6 +80,8 @@ class ContrastiveConfig:
     learn_temperature: bool = False
     """Learn the temperature (as CLIP's log logit scale, clamped to a scale of at most 100)."""
 
+    BOUNDS = {"projection_dim": AT_LEAST_1, "temperature": POSITIVE}
+
 
 @dataclass
 class _ModelSettings:
@@ -96,11 +102,12 @@ class _ModelSettings:
     def __post_init__(self) -> None:
         unknown = [m for m in self.modalities if m not in MODALITIES]
         if unknown or not self.modalities:
-            raise ValueError(f"model.modalities: unknown {unknown or 'empty list'}; choose from {list(MODALITIES)}")
+            raise ValueError(f"model.config.modalities: unknown {unknown or 'empty list'}; choose from {list(MODALITIES)}")
         # Keep the canonical order: it fixes the fusion segment layout.
         self.modalities = [m for m in MODALITIES if m in self.modalities]
         for name in self.modalities:
             REGISTRY[name].stem_class(getattr(self, name))  # a stem that does not exist: one line
+        check_bounds(self, "model.config")  # every section's numbers (scale/bounds.py)
 
     def modality(self, name: str) -> Any:
         """The config of one modality by key."""
@@ -146,6 +153,12 @@ class OptimizerConfig:
     """Share of `max_steps` spent in linear warmup (official: 10 %)."""
     schedule: Literal["linear", "cosine"] = "linear"
     """Decay after warmup (official: linear)."""
+
+    BOUNDS = {"lr": POSITIVE, "pretrained_lr": AT_LEAST_0, "weight_decay": AT_LEAST_0, "betas": BELOW_1,
+              "warmup_ratio": SHARE}  # fmt: skip
+
+    def __post_init__(self) -> None:
+        check_bounds(self, "model.optimizer")
 
 
 def _from_dict(cls: type, data: dict[str, Any]) -> Any:

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,7 @@ import torch
 from scale.config import ModelConfig
 from scale.model import SCALE
 from scale.modalities import REGISTRY
+from scale.outputs import output_folder, refuse_non_empty
 from scale.pretrained_paths import load_tokenizer, resolve
 
 TOKENIZER_FOLDER = "tokenizer"
@@ -45,7 +49,7 @@ def read_checkpoint(ckpt: str | Path) -> dict[str, Any]:
     """
     ckpt = Path(ckpt)
     if ckpt.is_file():
-        return torch.load(ckpt, map_location="cpu", weights_only=True)
+        return _load_file(ckpt)
     if not ckpt.is_dir():
         raise FileNotFoundError(f"export --ckpt: {ckpt} not found")
     if (ckpt / ".metadata").is_file() and (ckpt / "meta.pt").is_file():
@@ -56,6 +60,37 @@ def read_checkpoint(ckpt: str | Path) -> dict[str, Any]:
         return _read_deepspeed(ckpt)
     raise ValueError(f"export --ckpt: {ckpt} is a folder but neither an FSDP sharded checkpoint "
                      "(.metadata + meta.pt) nor a DeepSpeed one (latest)")  # fmt: skip
+
+
+def refused_to_unpickle(path: Any, error: pickle.UnpicklingError) -> str:
+    """One line for a checkpoint a weights-only load refused: torch's message is a page long, and
+    the line that names the offending global is the one worth keeping."""
+    lines = str(error).strip().splitlines()
+    reason = next((line for line in lines if "Unsupported global" in line), lines[0] if lines else "")
+    return f"{path}: not a plain checkpoint, refused to unpickle it ({reason.strip()})"
+
+
+def unreadable_checkpoint(path: str | Path, error: BaseException) -> str:
+    """One line for a checkpoint file torch cannot read: most often one still being copied or
+    written, or cut short by a full disk."""
+    detail = str(error).strip().splitlines()[0].split(". ")[0][:120] if str(error).strip() else type(error).__name__
+    size = Path(path).stat().st_size if Path(path).is_file() else 0
+    return (f"{path} ({size} bytes) is not a readable checkpoint, truncated or still being written? ({detail}); "
+            "wait until it is complete, or use an earlier one")
+
+
+def _load_file(ckpt: Path) -> dict[str, Any]:
+    """A checkpoint file, or one line: truncated (a copy still growing, a disk that filled) or not
+    a checkpoint at all; a pickle that would run code is refused by weights_only=True."""
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(f"export --ckpt {refused_to_unpickle(str(ckpt), error)}") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise ValueError(f"export --ckpt: {unreadable_checkpoint(ckpt, error)}") from None
+    if not isinstance(state, dict) or "state_dict" not in state or "hyper_parameters" not in state:
+        raise ValueError(f"export --ckpt: {ckpt} is not a `scale fit` checkpoint (no state_dict and hyper_parameters)")
+    return state
 
 
 DEEPSPEED_DATA_CLASSES = frozenset({
@@ -105,18 +140,30 @@ def load_checkpoint_model(ckpt: str | Path) -> SCALE:
     return model.eval()
 
 
-def export_model(model: SCALE, out: str | Path) -> Path:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+def export_model(model: SCALE, out: str | Path, overwrite: bool = False) -> Path:
+    """Write the export folder `out` (module doc) through a staging folder renamed into place
+    (`scale/outputs.py`): a non-empty `out` is refused unless `overwrite`, and a failure midway
+    (a full disk) leaves the previous export, or nothing."""
+    with output_folder(out, overwrite, "export --out") as staging:
+        _write_export(model, staging)
+    return Path(out)
+
+
+def _write_export(model: SCALE, out: Path) -> None:
     config = ModelConfig.from_dict(model.config.to_dict())  # a copy whose paths we rewrite
     if any(encoder.uses_tokenizer for encoder in model.encoders.values()):
         load_tokenizer(config.tokenizer).save_pretrained(str(out / TOKENIZER_FOLDER))
         config.tokenizer = TOKENIZER_FOLDER
     for encoder in model.encoders.values():
         encoder.export_assets(out, config)
-    safetensors.torch.save_model(model, str(out / "model.safetensors"))
+    try:
+        safetensors.torch.save_model(model, str(out / "model.safetensors"))
+    except safetensors.SafetensorError as error:  # its I/O errors are not OSErrors: make them one
+        code = re.search(r"os error (\d+)", str(error))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(out / "model.safetensors")) from None
     (out / "config.json").write_text(json.dumps({"format": EXPORT_FORMAT, "model": config.to_dict()}, indent=1))
-    return out
 
 
 def load_pretrained(directory: str | Path, device: str | torch.device = "cpu") -> SCALE:
@@ -136,18 +183,29 @@ def load_pretrained(directory: str | Path, device: str | torch.device = "cpu") -
         if spec.resolve_assets is not None:
             spec.resolve_assets(config, directory)
     model = SCALE(config, load_weights=False)
-    missing, unexpected = safetensors.torch.load_model(model, str(directory / "model.safetensors"), strict=True)
+    weights = directory / "model.safetensors"
+    try:  # safetensors holds tensors only: a pickle (or anything else) in its place is refused unread
+        safetensors.torch.load_model(model, str(weights), strict=True)
+    except (safetensors.SafetensorError, OSError) as error:
+        raise ValueError(f"load_pretrained: {weights} is not a safetensors file of this model ({error}); "
+                         "export the checkpoint again") from None  # fmt: skip
+    except RuntimeError as error:  # strict: other keys or shapes than config.json's model
+        raise ValueError(f"load_pretrained: {weights} does not match {config_path} "
+                         f"({str(error).splitlines()[0][:200]}); export the checkpoint again") from None  # fmt: skip
     return model.to(device).eval()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", required=True, help="checkpoint: a Lightning .ckpt file, an FSDP sharded folder or a DeepSpeed ZeRO folder")
-    parser.add_argument("--out", required=True, help="export folder")
+    parser.add_argument("--out", required=True, help="export folder (new or empty)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (everything in it)")
 
 
 def run(args: argparse.Namespace) -> None:
-    out = export_model(load_checkpoint_model(args.ckpt), args.out)
+    refuse_non_empty(Path(args.out), args.overwrite, "export --out")  # before the checkpoint is read
+    out = export_model(load_checkpoint_model(args.ckpt), args.out, overwrite=args.overwrite)
     print(f"exported {args.ckpt} -> {out}")
 
 
-__all__ = ["export_model", "load_checkpoint_model", "load_pretrained", "read_checkpoint", "resolve"]
+__all__ = ["export_model", "load_checkpoint_model", "load_pretrained", "read_checkpoint", "refused_to_unpickle", "resolve",
+           "unreadable_checkpoint"]

@@ -20,6 +20,9 @@ from braceexpand import braceexpand
 
 SIZES_FILE = "sizes.json"
 """The size index beside the shards: {shard file name: sample count}, in shard order."""
+IN_PROGRESS = "_progress"
+"""The converter's working folder inside OUT: a folder holding it but no size index is a conversion
+not finished yet, which the loader refuses rather than train on part of it."""
 RECORD_MEMBER = "json"
 """Every sample's record member: the product's JSON fields."""
 TABLE_PAIR_SEPARATOR = "#;#"
@@ -63,6 +66,9 @@ def list_shards(spec: str) -> list[str]:
     path = Path(spec)
     if path.is_dir():
         indexed = (path / SIZES_FILE).is_file()
+        if not indexed and (path / IN_PROGRESS).is_dir():
+            raise FileNotFoundError(f"shards {spec!r}: a conversion that has not finished (no {SIZES_FILE} yet); "
+                                    "run the same `scale shards` command again to finish it")  # fmt: skip
         names = list(read_size_index(path)) if indexed else sorted(p.name for p in path.glob("*.tar"))
         shards = [str(path / name) for name in names]
     else:

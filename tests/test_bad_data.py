@@ -324,20 +324,39 @@ def test_empty_or_too_short_audio_is_absent_and_counted(config, media):
 
 
 def test_unusable_json_records_drop_the_sample(decoder, media):
-    limit = decoder.limits.max_json_bytes
     cases = {
         "malformed": b'{"title": "kettle", ',
         "a list": b'[{"title": "kettle"}]',
         "a string": b'"kettle"',
-        "not UTF-8": b'{"title": "\xff\xfe"}',
         "deeply nested": b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
-        "oversized": record(title="kettle " * (limit // 7 + 1)),
+        "over the member limit": record(notes="x" * (decoder.limits.max_json_member_bytes + 1)),
     }
     for name, data in cases.items():
         assert decoder({"__key__": name, "json": data, "jpg": media["jpg"]}) is None, name
     assert decoder({"__key__": "no record", "jpg": media["jpg"]}) is None
     assert errors(decoder) == {"json": len(cases) + 1, "json: too large": 1}
     assert decoder.bad_samples == decoder.samples == len(cases) + 1
+
+
+def test_a_bad_field_is_cut_or_replaced_not_its_product(decoder, media):
+    """Field-level tolerance: a title over the record limit is cut (the limit applies to the record
+    as used), a field the model does not read is never counted, a non-UTF-8 byte becomes U+FFFD."""
+    limit = decoder.limits.max_json_bytes
+    long_title = record(title="kettle " * (limit // 7 + 1), category="3")
+    long_table = record(table="colour#:#" + "red " * limit)
+    unread_field = record(description="y" * 2 * limit)
+    for name, data in {"long title": long_title, "long table": long_table, "unread field": unread_field}.items():
+        decoded = decoder({"__key__": name, "json": data, "jpg": media["jpg"]})
+        assert decoded is not None and present(decoded)["text"] and present(decoded)["image"], name
+    assert decoder({"__key__": "t", "json": long_title})["category"] == 3
+    assert not errors(decoder) and decoder.bad_samples == 0
+    not_utf8 = decoder({"__key__": "latin-1", "json": b'{"title": "caf\xe9 kettle", "category": 5}', "jpg": media["jpg"]})
+    assert present(not_utf8)["text"] and present(not_utf8)["image"] and not_utf8["category"] == 5
+    assert errors(decoder) == {"json": 1, "json: not utf-8": 1} and decoder.bad_samples == 1
+    # The limit still holds for what is used: cut fields under a small record limit.
+    small = SampleDecoder(decoder.config, DataLimits(max_json_bytes=100))
+    assert small({"__key__": "s", "json": record(title="kettle " * 40)}) is None
+    assert errors(small) == {"json": 1, "json: too large": 1}
 
 
 def test_bad_title_and_table_values(decoder):

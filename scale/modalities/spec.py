@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from scale.bounds import AT_LEAST_1, POSITIVE, SHARE
 from scale.media import MediaError, check_size
 
 if TYPE_CHECKING:
@@ -144,7 +145,7 @@ class RawSample:
         return value
 
     @staticmethod
-    def parse_record(data: bytes) -> dict[str, Any]:
+    def parse_record(data: str | bytes) -> dict[str, Any]:
         record = json.loads(data)
         if not isinstance(record, dict):
             raise ValueError(f"the record is a JSON {type(record).__name__}, not an object")
@@ -188,6 +189,9 @@ class TrunkConfig:
     """The modality's masked-feature regression (patches, frames or audio tokens)."""
     mask_prob: float = 0.15
     """Share of the modality's tokens chosen for masked modeling."""
+
+    BOUNDS = {"hidden": AT_LEAST_1, "layers": AT_LEAST_1, "heads": AT_LEAST_1, "mlp_ratio": POSITIVE, "mask_prob": SHARE}
+    DIVISIBLE = (("hidden", "heads"),)
 
 
 # ---- the registry entry ---------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from scale.bounds import AT_LEAST_1, POSITIVE
 from scale.media.arrays import check_npy
 from scale.media.audio import check_audio, flac_bound, probe_track, track_to_flac
 from scale.modalities.spec import Derived, FileField, ModalitySpec, TrunkConfig
@@ -49,6 +50,9 @@ class AudioConfig(TrunkConfig):
     norm_std: float = 4.57
     """fbank normalisation std."""
 
+    BOUNDS = {**{k: AT_LEAST_1 for k in ("feature_frames", "sample_rate", "mel_bins", "frames_per_token")},
+              "seconds": POSITIVE, "norm_std": POSITIVE}  # fmt: skip
+
     @property
     def num_frames(self) -> int:
         """Frames per clip, as the stem produces them (`WaveformStem` / `MelStem`.frames)."""
@@ -66,6 +70,8 @@ class AudioLimits:
     """Largest audio file decoded."""
     max_audio_seconds: float = 3600.0
     """Longest audio accepted (from its header)."""
+
+    BOUNDS = {"max_audio_bytes": AT_LEAST_1, "max_audio_seconds": POSITIVE}
 
 
 def _track_budget(video_path: str, limits: Any) -> float | None:

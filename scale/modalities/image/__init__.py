@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from scale.bounds import AT_LEAST_1, POSITIVE, SHARE
 from scale.media.arrays import check_npy
 from scale.media.image import check_image
 from scale.modalities.spec import FileField, ModalitySpec, TrunkConfig
@@ -55,6 +56,8 @@ class ImageConfig(TrunkConfig):
     zero_prob: float = 0.9
     """Of the chosen patches, the share whose pixels are zeroed (the rest are left intact)."""
 
+    BOUNDS = {**{"max_regions": AT_LEAST_1, "region_dim": AT_LEAST_1, "size": AT_LEAST_1, "patch": AT_LEAST_1}, "std": POSITIVE, "zero_prob": SHARE}
+
 
 @dataclass
 class ImageLimits:
@@ -62,6 +65,8 @@ class ImageLimits:
     """Largest image file (encoded bytes) decoded."""
     max_image_pixels: int = 40_000_000
     """Largest width x height of an image, read from its header before decoding (decompression bombs)."""
+
+    BOUNDS = {"max_image_bytes": AT_LEAST_1, "max_image_pixels": AT_LEAST_1}
 
 
 IMAGE = FileField("image", {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}, "max_image_bytes", check_image)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from scale.bounds import AT_LEAST_1, SHARE, Bound
 from scale.modalities.spec import ModalitySpec, Note, RecordField, clean_string
 from scale.shard_format import TABLE_PAIR_SEPARATOR, format_table, parse_table
 
@@ -50,11 +51,17 @@ class TableConfig:
     of the pooled token c over the product's triples t_j (mean of the pair's key and value token
     outputs), existing pairs only. It also changes the table's contrastive / retrieval vector."""
 
+    BOUNDS = {"max_tokens": Bound(3), **{k: AT_LEAST_1 for k in ("hidden", "layers", "heads", "mlp", "max_pairs")},
+              "mask_prob": SHARE}  # fmt: skip
+    DIVISIBLE = (("hidden", "heads"),)
+
 
 @dataclass
 class TableLimits:
     max_table_chars: int = 20000
     """Table strings are cut to this many characters (at a pair boundary) before parsing."""
+
+    BOUNDS = {"max_table_chars": AT_LEAST_1}
 
 
 def clean_table(value: Any, limits: Any) -> tuple[str | None, list[Note]]:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from scale.bounds import AT_LEAST_1, SHARE, Bound
 from scale.modalities.spec import ModalitySpec, RecordField, clean_string
 
 
@@ -40,12 +41,17 @@ class TextConfig:
     mask_prob: float = 0.15
     """Share of non-special title tokens chosen for MLM."""
 
+    BOUNDS = {"max_tokens": Bound(3), **{k: AT_LEAST_1 for k in ("hidden", "layers", "heads", "mlp")}, "mask_prob": SHARE}
+    DIVISIBLE = (("hidden", "heads"),)
+
 
 @dataclass
 class TextLimits:
     max_title_chars: int = 2000
     """Titles are cut to this many characters before tokenising (the tokenizer's cost grows with
     the input, however few tokens are kept)."""
+
+    BOUNDS = {"max_title_chars": AT_LEAST_1}
 
 
 TITLE = RecordField("title", official="title", max_chars="max_title_chars", noise=" ".join,

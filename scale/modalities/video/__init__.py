@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from scale.bounds import AT_LEAST_1, POSITIVE
 from scale.media.arrays import check_npy
 from scale.media.video import check_video
 from scale.modalities.spec import FileField, ModalitySpec, TrunkConfig
@@ -56,6 +57,8 @@ class VideoConfig(TrunkConfig):
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     """Per-channel normalisation std of decoded frames."""
 
+    BOUNDS = {**{"feature_dim": AT_LEAST_1, "frames": AT_LEAST_1, "size": AT_LEAST_1, "patch": AT_LEAST_1, "target_grid": AT_LEAST_1}, "std": POSITIVE}
+
 
 @dataclass
 class VideoLimits:
@@ -68,6 +71,8 @@ class VideoLimits:
     video_timeout_s: float = 20.0
     """Wall-clock limit on decoding one video; past it the decoding process is killed and the video
     counted as `video: timeout` (decord is known to hang on some files)."""
+
+    BOUNDS = {**{"max_video_bytes": AT_LEAST_1, "max_video_pixels": AT_LEAST_1}, "max_video_seconds": POSITIVE, "video_timeout_s": POSITIVE}
 
 
 VIDEO = FileField("video", {".mp4": "mp4"}, "max_video_bytes", check_video)
