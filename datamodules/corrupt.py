@@ -27,6 +27,7 @@ import numpy as np
 
 from datamodules.sources import FIELD_TABLE, FIELDS, TEXT_FIELDS  # the one field table (shared with the converter)
 from scale.config import MODALITIES
+from scale.outputs import refuse_non_empty
 
 KINDS = ("missing", "swap", "noise")
 NOISE_WORDS = "lorem ipsum dolor sit amet zeta quark blip nova orbit pixel delta echo flux glyph ion".split()
@@ -146,7 +147,8 @@ def corrupt(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--src", required=True, help="raw folder with meta.jsonl")
-    parser.add_argument("--out", required=True, help="output raw folder (meta.jsonl + noise media)")
+    parser.add_argument("--out", required=True, help="output raw folder, new or empty (meta.jsonl + noise media)")
+    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --out (its meta.jsonl is replaced)")
     parser.add_argument("--modalities", required=True, help="comma-separated; several = K3M's mixed setting")
     parser.add_argument("--kind", required=True, choices=KINDS)
     parser.add_argument("--rate", type=float, required=True, help="share of products corrupted, 0..1")
@@ -154,5 +156,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    refuse_non_empty(Path(args.out), args.overwrite, "corrupt --out")
     counts = corrupt(args.src, args.out, args.modalities.split(","), args.kind, args.rate, args.seed)
     print(f"corrupted ({args.kind}) {counts} of the products in {args.src} -> {args.out}/meta.jsonl")

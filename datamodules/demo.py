@@ -69,6 +69,7 @@ import numpy as np
 
 from datamodules import demo_features
 from scale.modalities import BUILTIN
+from scale.outputs import output_folder
 from scale.shard_format import format_table
 
 MODALITIES: tuple[str, ...] = BUILTIN
@@ -432,7 +433,8 @@ def _parse_missing(items: list[str] | None) -> dict[str, float]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the generator's options to `parser` (used by `run`)."""
     a = parser.add_argument
-    a("--out", required=True, help="output folder (meta.jsonl, images/, videos/, audios/)")
+    a("--out", required=True, help="output folder, new or empty (meta.jsonl, images/, videos/, audios/)")
+    a("--overwrite", action="store_true", help="replace a non-empty --out (everything in it)")
     a("--products", type=int, default=300, help="number of products (listings)")
     a("--seed", type=int, default=0, help="instances and product ids; use another seed per split")
     a("--categories", type=int, default=8)
@@ -459,7 +461,10 @@ def run(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     # Option dests equal generate()'s parameter names; other options of a larger CLI are ignored.
     kw = {k: v for k, v in vars(args).items() if k in inspect.signature(generate).parameters}
-    meta = generate(**{**kw, "missing": _parse_missing(args.missing)})
+    # Written into a staging folder renamed into place: an existing folder is never half replaced.
+    with output_folder(args.out, getattr(args, "overwrite", False), "demo-data --out") as staging:
+        meta = generate(**{**kw, "out": staging, "missing": _parse_missing(args.missing)})
+    meta = Path(args.out) / meta.name
     if meta.suffix == ".jsonl":
         rows = [json.loads(line) for line in meta.read_text().splitlines()]
     else:

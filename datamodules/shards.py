@@ -36,8 +36,10 @@ How it works, and why:
    nothing usable is skipped, and each is reported with its reason.
 
 A shard can exceed `max_bytes` only when one product alone is larger (it then gets a shard of its
-own, and the report lists it). OUT holding shards of another plan (other source or settings) is an
-error unless `overwrite=True`: nothing already written is replaced silently.
+own, and the report lists it). OUT holding shards of another plan (other source or settings), or files that are not a conversion's,
+is an error unless `overwrite=True`: nothing already written is replaced silently. A conversion
+writes `sizes.json` last: until then the loader refuses the folder (`scale/shard_format.py`), so a
+half-finished conversion is never trained on, and the same command finishes it.
 """
 
 from __future__ import annotations
@@ -65,14 +67,14 @@ from typing import Any, Callable
 from datamodules.limits import DataLimits
 from datamodules.sources import DEFAULT_DIRS, FIELD_TABLE, LAYOUTS, BadRecord, iter_products, open_source, shard_extension
 from datamodules.validate import check_product, size_limit
-from scale.shard_format import RECORD_MEMBER, SIZES_FILE, brace_pattern, sample_key, shard_name
+from scale.shard_format import IN_PROGRESS, RECORD_MEMBER, SIZES_FILE, brace_pattern, sample_key, shard_name
 
 MiB = 2**20
 DEFAULT_MAX_COUNT = 5000
 DEFAULT_MAX_BYTES = 512 * MiB
 REPORT_FILE = "report.json"
 SKIPPED_FILE = "skipped.jsonl"
-PROGRESS = "_progress"
+PROGRESS = IN_PROGRESS
 PLAN_VERSION = 1
 KILL_ENV = "SCALE_SHARDS_TEST_KILL_AFTER"
 """Tests only: SIGKILL the conversion's process group once this many shard records exist (a real crash)."""
@@ -215,6 +217,19 @@ def _clear(out: Path) -> None:
         path.unlink()
 
 
+def _refuse_foreign(out: Path, overwrite: bool) -> None:
+    """A non-empty OUT that is not a conversion (a user's folder) is refused before anything is
+    written into it, unless `overwrite` (which removes only our outputs, never other files)."""
+    if overwrite or not out.is_dir() or (out / PROGRESS / "plan.json").is_file():
+        return
+    ours = re.compile(r"shard-\d+\.tar(\.tmp)?|" + "|".join(map(re.escape, (SIZES_FILE, REPORT_FILE, SKIPPED_FILE, PROGRESS))))
+    foreign = sorted(p.name for p in out.iterdir() if not ours.fullmatch(p.name))
+    if foreign:
+        raise ValueError(f"shards --out: {out} is not empty and not a conversion ({', '.join(foreign[:3])}"
+                         f"{', ...' if len(foreign) > 3 else ''}); use an empty or new folder, or --overwrite "
+                         "(which removes only shards and reports, never other files)")  # fmt: skip
+
+
 def _load_or_plan(source, out: Path, max_count: int, max_bytes: int, limits: DataLimits, overwrite: bool) -> dict:
     try:
         fingerprint = {"version": PLAN_VERSION, "source": source.fingerprint(), "max_count": max_count,
@@ -233,6 +248,7 @@ def _load_or_plan(source, out: Path, max_count: int, max_bytes: int, limits: Dat
     elif (list(out.glob("shard-*.tar")) or (out / SIZES_FILE).exists()) and not overwrite:
         raise ValueError(f"shards --out: {out} holds shards without a plan (another conversion?); "
                          "use another --out, or --overwrite to replace them")
+
     _clear(out)
     return _plan(source, out, max_count, max_bytes, limits, fingerprint)
 
@@ -297,6 +313,7 @@ def write_shards(src: str | Path, out: str | Path, max_count: int = DEFAULT_MAX_
     limits = limits or DataLimits()
     source = open_source(src, layout, meta, dirs, derive)
     out = Path(out)
+    _refuse_foreign(out, overwrite)
     (out / PROGRESS).mkdir(parents=True, exist_ok=True)
     with open(out / PROGRESS / "lock", "a") as lock:
         try:

@@ -13,12 +13,17 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import pickle
+import re
 import sys
 
 from datamodules.error_budget import DataErrorRateExceeded
 from scale.modalities import PluginError
+from scale.outputs import disk_error
+
+log = logging.getLogger(__name__)
 
 TOOLS = {
     "demo-data": ("datamodules.demo", "write demo products (JPEG, MP4, WAV, meta.jsonl)"),
@@ -29,30 +34,77 @@ TOOLS = {
 }
 
 
+class _ToolParser(argparse.ArgumentParser):
+    """No abbreviated options, and a bad option is one line (argparse prints the usage first)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(allow_abbrev=False, **kwargs)
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message} ({self.prog} --help lists the options)", file=sys.stderr)
+        sys.exit(2)
+
+
 def _run_tool(name: str, argv: list[str]) -> None:
     module = importlib.import_module(TOOLS[name][0])
-    parser = argparse.ArgumentParser(prog=f"scale {name}", description=TOOLS[name][1])
+    parser = _ToolParser(prog=f"scale {name}", description=TOOLS[name][1])
     module.add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        module.run(args)
-    except (FileNotFoundError, ValueError) as error:
-        # Bad input: one line naming what is wrong, no traceback.
-        sys.exit(f"scale {name}: error: {error}")
+    module.run(parser.parse_args(argv))
+
+
+def one_line(message: str, argv: list[str]) -> str:
+    """The line of a (multi-line, nested) parser message that says what is wrong: our own checks'
+    `field=value: must be ...`, an unknown option as typed, a value of the wrong type with its full
+    key, else the first line."""
+    lines = [re.sub(r"^-\s+", "", line.strip()) for line in message.splitlines() if line.strip(" -")]
+    for line in lines:
+        if re.search(r"^\S+=.*: must be |is not divisible by|^(model|data)\.\S+ ", line):
+            return line
+    keys = []
+    for line in lines:
+        unknown = re.search(r"unrecognized arguments: (\S+?)(=|$| )", line)
+        if unknown:  # nested parsers name the key relative to their section: name it as typed
+            key = unknown[1].lstrip("-")
+            typed = next((a.split("=", 1)[0] for a in argv if a.startswith("--") and a.split("=", 1)[0].endswith(key)), unknown[1])
+            return f"{typed}: no such option (check its spelling; options are never abbreviated)"
+        nested = re.match(r'Parser key "(.+)":', line)
+        if nested:
+            keys.append(nested[1])
+        elif line.startswith("Expected a") and "NoneType" not in line:
+            return f"--{'.'.join(keys)}: {line[0].lower()}{line[1:]}"
+    return lines[0] if lines else message.strip()
 
 
 def build_cli(args: list[str] | None = None, run: bool = True):
     """The LightningCLI over SCALEModule and M5ProductDataModule (`run=False`: parse and build only)."""
     import torch
-    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.callbacks import LearningRateMonitor
+    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
     from lightning.pytorch.plugins.environments import SLURMEnvironment
     from lightning.pytorch.plugins.io import TorchCheckpointIO
 
     from callbacks.checkpoint import AtomicCheckpointIO
     from callbacks.requeue import SlurmRequeue
+    from datamodules.error_budget import DataErrorStop
     from datamodules.m5product import M5ProductDataModule
     from scale.module import SCALEModule
     from scale.strategies import check_hardware
+
+    class SCALEArgumentParser(LightningArgumentParser):
+        """No abbreviated options (`--trainer.max_step` is a typo, not `max_steps`), and a bad
+        option or value is one line, not the usage (--debug: jsonargparse's whole message)."""
+
+        def __init__(self, *args, **kwargs) -> None:
+            kwargs.setdefault("allow_abbrev", False)
+            super().__init__(*args, **kwargs)
+
+        def error(self, message: str, ex: Exception | None = None):
+            if not self.exit_on_error or os.environ.get("SCALE_DEBUG"):
+                return super().error(message, ex)
+            argv = sys.argv[1:] if args is None else list(args)
+            command = argv[0] if argv and not argv[0].startswith("-") else "fit"
+            print(f"scale {command}: error: {one_line(message, argv)} (scale {command} --help lists the options)", file=sys.stderr)
+            sys.exit(2)
 
     class SCALECLI(LightningCLI):
         @staticmethod
@@ -64,6 +116,17 @@ def build_cli(args: list[str] | None = None, run: bool = True):
         def add_arguments_to_parser(self, parser) -> None:
             # One source of truth for input shapes: the data module decodes what the model expects.
             parser.link_arguments("model.config", "data.model_config", apply_on="parse")
+
+        def _parse_ckpt_path(self) -> None:
+            # LightningCLI reads --ckpt_path's hyperparameters before anything else: a checkpoint
+            # still being written (or cut short by a full disk) is one line there, not a traceback.
+            try:
+                super()._parse_ckpt_path()
+            except (RuntimeError, EOFError) as error:
+                from scale.export import unreadable_checkpoint
+
+                path = self.config[self.config.subcommand].get("ckpt_path")
+                raise ValueError(f"--ckpt_path {unreadable_checkpoint(path, error)}") from None
 
         def before_instantiate_classes(self) -> None:
             config = self.config[self.subcommand] if self.subcommand else self.config
@@ -79,13 +142,25 @@ def build_cli(args: list[str] | None = None, run: bool = True):
                     callback.init_args["dirpath"] = os.path.join(root, "checkpoints")
 
         def instantiate_trainer(self, **kwargs):
+            init = self._get(self.config_init, "trainer")
+
+            def ensure(kind: type, make) -> None:  # a callback the run needs, once, configured or not
+                callbacks = init.get("callbacks") or []
+                if not any(isinstance(c, kind) for c in callbacks):
+                    init["callbacks"] = [*callbacks, make()]
+
+            # One error budget for the whole job (datamodules/error_budget.py).
+            ensure(DataErrorStop, DataErrorStop)
+            if init.get("logger") in (False, None, []):
+                # `--trainer.logger false` asks for no logs, not for a crash in the callbacks that log.
+                dropped = [c for c in init.get("callbacks") or [] if isinstance(c, LearningRateMonitor)]
+                init["callbacks"] = [c for c in init.get("callbacks") or [] if c not in dropped]
+                if dropped:
+                    log.info("trainer.logger is off: LearningRateMonitor left out")
             if SLURMEnvironment.detect():
                 # Preemption is handled at step boundaries (callbacks/requeue.py), not by Lightning's
                 # handler, which saves mid-step from inside the signal handler.
-                init = self._get(self.config_init, "trainer")
-                callbacks = init.get("callbacks") or []
-                if not any(isinstance(c, SlurmRequeue) for c in callbacks):  # not twice if configured
-                    init["callbacks"] = [*callbacks, SlurmRequeue()]
+                ensure(SlurmRequeue, SlurmRequeue)
                 plugins = init.get("plugins") or []
                 plugins = plugins if isinstance(plugins, list) else [plugins]
                 if not any(isinstance(p, SLURMEnvironment) for p in plugins):
@@ -105,6 +180,7 @@ def build_cli(args: list[str] | None = None, run: bool = True):
         # On SLURM requeue the same run directory is reused: the saved config must be overwritable.
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"parser_mode": "yaml"},
+        parser_class=SCALEArgumentParser,
     )
 
 
@@ -118,43 +194,51 @@ def _ckpt_path(args: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run a command; a failure the user can fix is one line on stderr and exit status 1 (a bad
+    option: 2). `--debug` (anywhere) or SCALE_DEBUG=1 shows the traceback instead."""
     args = sys.argv[1:] if argv is None else list(argv)
+    if "--debug" in args:
+        args = [a for a in args if a != "--debug"]
+        os.environ["SCALE_DEBUG"] = "1"  # data workers and DDP processes inherit it
+        argv, sys.argv = args, [sys.argv[0], *args]
+    command = args[0] if args and not args[0].startswith("-") else "fit"
     try:
-        _main(args, argv)
-    except PluginError as error:
-        if os.environ.get("SCALE_DEBUG"):
-            raise
-        # A plugin modality that does not load is a setting to fix, not a crash.
-        sys.exit(f"scale {args[0] if args else 'fit'}: error: {error}")
-
-
-def _main(args: list[str], argv: list[str] | None) -> None:
-    if args and args[0] in TOOLS:
-        _run_tool(args[0], args[1:])
-    elif args and args[0] in ("-h", "--help"):
-        print(__doc__)
-    else:
-        try:
+        if args and args[0] in TOOLS:
+            _run_tool(args[0], args[1:])
+        elif args and args[0] in ("-h", "--help"):
+            print(__doc__)
+        else:
             build_cli(argv)  # None: LightningCLI reads sys.argv itself
-        except (FileNotFoundError, ValueError) as error:
-            if os.environ.get("SCALE_DEBUG"):
-                raise
-            # Bad input (a missing shard folder, an invalid setting): one line, not a traceback.
-            sys.exit(f"scale {args[0] if args else 'fit'}: error: {error} (SCALE_DEBUG=1 for the traceback)")
-        except pickle.UnpicklingError as error:
-            if os.environ.get("SCALE_DEBUG"):
-                raise
-            from callbacks.checkpoint import refused_to_unpickle
+    except Exception as error:
+        line = failure_line(error, args)
+        if line is None or os.environ.get("SCALE_DEBUG"):
+            raise
+        sys.exit(f"scale {command}: {line}")
 
-            # LightningCLI reads --ckpt_path's hyperparameters itself (weights_only=True), before
-            # the trainer and its checkpoint IO exist: a pickle that would run code is refused there.
-            sys.exit(f"scale {args[0] if args else 'fit'}: error: --ckpt_path {refused_to_unpickle(_ckpt_path(args), error)}")
-        except DataErrorRateExceeded as error:
-            if os.environ.get("SCALE_DEBUG"):
-                raise
-            # Raised in a data worker, it arrives wrapped in the worker's traceback: keep its own line.
-            reason = str(error).strip().splitlines()[-1].split("DataErrorRateExceeded: ", 1)[-1]
-            sys.exit(f"scale {args[0] if args else 'fit'}: stopped: {reason}")
+
+def failure_line(error: BaseException, args: list[str]) -> str | None:
+    """What to print for a failure the user can act on (None: a bug, shown with its traceback)."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    hint = " (--debug for the traceback)"
+    if isinstance(error, DataErrorRateExceeded):
+        # Raised in a data worker, it arrives wrapped in the worker's traceback: keep its own line.
+        return "stopped: " + str(error).strip().splitlines()[-1].split("DataErrorRateExceeded: ", 1)[-1]
+    if isinstance(error, PluginError):  # a plugin modality that does not load is a setting to fix
+        return f"error: {error}"
+    if isinstance(error, pickle.UnpicklingError):
+        from scale.export import refused_to_unpickle
+
+        # LightningCLI reads --ckpt_path's hyperparameters itself (weights_only=True), before
+        # the trainer and its checkpoint IO exist: a pickle that would run code is refused there.
+        return f"error: --ckpt_path {refused_to_unpickle(_ckpt_path(args), error)}"
+    if isinstance(error, OSError) and not isinstance(error, FileNotFoundError):
+        line = disk_error(error, "error: writing")
+        return None if line is None else line + hint
+    if isinstance(error, (FileNotFoundError, ValueError, MisconfigurationException)):
+        # Bad input (a missing shard folder, an invalid setting): one line, not a traceback.
+        return f"error: {one_line(str(error), args)}{hint}"
+    return None
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from datamodules.m5product import eval_dataloader
 from scale import metrics
 from scale.export import load_pretrained
 from scale.model import SCALE
+from scale.outputs import refuse_existing_file, write_file
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -104,7 +105,8 @@ def format_table(results: dict[str, dict]) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="export folder (from `scale export`)")
     parser.add_argument("--data", required=True, help="shard folder or pattern to evaluate on")
-    parser.add_argument("--out", default=None, help="write metrics.json here")
+    parser.add_argument("--out", default=None, help="write metrics.json here (a new file)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--embedding", choices=EMBEDDINGS, default="contrastive", help="which embedding is scored")
@@ -112,6 +114,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    if args.out:
+        refuse_existing_file(args.out, args.overwrite, "evaluate --out")  # before minutes of work
     model = load_pretrained(args.model)
     results = {"trained": evaluate(model, args.data, args.batch_size, args.seed, args.embedding)}
     if args.compare_random:
@@ -120,6 +124,5 @@ def run(args: argparse.Namespace) -> None:
         results["random_init"] = evaluate(random_init, args.data, args.batch_size, args.seed, args.embedding)
     print(format_table(results))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=1))
+        write_file(args.out, json.dumps(results, indent=1).encode(), args.overwrite, "evaluate --out")
         print(f"wrote {args.out}")

@@ -176,7 +176,10 @@ def test_cli_and_unknown_missing_key(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "4 products" in capsys.readouterr().out
     assert all(r["video"] is None for r in _rows(tmp_path / "meta.jsonl"))
     with pytest.raises(ValueError, match="smell"):
-        run(parser.parse_args(["--out", str(tmp_path), "--missing", "smell=0.2"]))
+        run(parser.parse_args(["--out", str(tmp_path / "other"), "--missing", "smell=0.2"]))
+    with pytest.raises(ValueError, match="not empty"):  # never written over
+        run(parser.parse_args(["--out", str(tmp_path), "--products", "2"]))
+    assert len(_rows(tmp_path / "meta.jsonl")) == 4
     with pytest.raises(ValueError, match="smell"):
         generate(tmp_path, 4, missing={"smell": 0.1})
     with pytest.raises(ValueError):

@@ -16,6 +16,13 @@ raises `TimeoutError` (`scale.media.video`).
 
 from __future__ import annotations
 
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class MediaError(ValueError):
     """A file or field that must not be used. `reason` is a short code (the converter's report
@@ -43,3 +50,37 @@ def check_size(data: bytes, name: str, limit: int) -> bytes:
     if len(data) > limit:
         raise MediaTooLarge(f"{name}: {len(data)} bytes, over the {limit}-byte limit")
     return data
+
+
+@contextmanager
+def native_stderr() -> Iterator[list[str]]:
+    """What native code (decord's bundled FFmpeg) writes to file descriptor 2 inside the block,
+    captured instead of printed: the list holds the text afterwards. A bad file then says why in
+    its error, which goes through the error budget's rate-limited log, not straight to the
+    terminal two lines per file. (Process-wide while it lasts: meant for the video helper process,
+    which does nothing else.)"""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    captured: list[str] = []
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            captured.append(sink.read(4096).decode("utf-8", errors="replace"))
+
+
+def with_native_detail(error: Exception, captured: list[str]) -> Exception:
+    """`error` with what native code printed while it happened (timestamps and source paths cut)."""
+    lines = [re.sub(r"^\[[\d:]+\] \S+: |^\[\S+ @ 0x[0-9a-f]+\] ", "", line.strip())
+             for line in "".join(captured).splitlines() if line.strip()]  # fmt: skip
+    if not lines:
+        return error
+    message = f"{error} (decoder: {'; '.join(lines)[:200]})"
+    try:
+        return type(error)(message)
+    except Exception:  # an exception class with another signature
+        return RuntimeError(message)

@@ -28,7 +28,7 @@ from multiprocessing.connection import Connection, Pipe
 
 import numpy as np
 
-from scale.media import MediaError, MediaTooLarge
+from scale.media import MediaError, MediaTooLarge, native_stderr, with_native_detail
 
 try:  # decord has no wheel off x86-64 Linux; PyAV alone then does the work
     import decord
@@ -75,6 +75,16 @@ def _check_limits(container, max_pixels: int | None, max_seconds: float | None):
 
 
 def _read_decord(data: bytes, num_frames: int, size: int) -> np.ndarray:
+    """decord's read, with what its FFmpeg prints kept out of the terminal (`native_stderr`)."""
+    with native_stderr() as printed:
+        try:
+            return _read_decord_quietly(data, num_frames, size)
+        except Exception as error:
+            failure = error
+    raise with_native_detail(failure, printed) from None
+
+
+def _read_decord_quietly(data: bytes, num_frames: int, size: int) -> np.ndarray:
     reader = decord.VideoReader(io.BytesIO(data), num_threads=1, width=size, height=size)
     # Over-reported frame counts are a known decord failure: ask for at most the reported frames
     # and let the caller fall back to PyAV if even that fails.
