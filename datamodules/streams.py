@@ -40,7 +40,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from datamodules.collate import collate
 from datamodules.decode import SampleDecoder
-from datamodules.error_budget import COUNTS_KEY, NoUsableSample
+from datamodules.error_budget import COUNTS_KEY, DataErrorRateExceeded, NoUsableSample
 from datamodules.tar_reader import read_samples
 from scale.shard_format import SIZES_FILE, read_size_index
 
@@ -249,22 +249,43 @@ class ExactEpochStream(_Stream):
 
 
 class ResampledStream(_Stream):
-    """Batches forever, from shards drawn with replacement (module doc)."""
+    """Batches forever, from shards drawn with replacement (module doc).
+
+    A worker that cannot fill a batch would loop forever without a word (the job's budget only
+    sees what arrives with batches), so it stops itself: when shards yield no sample at all, and
+    when, since its last batch, it has read `error_rate_min_samples` samples with more than
+    `max_error_rate` of them bad."""
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker, _ = _worker()
         shard_rng, sample_rng = self._rng("shards", worker), self._rng("samples", worker)
+        budget, limits = self.decoder.budget, self.decoder.limits
 
         def raw() -> Iterator[dict]:
+            empty_draws = 0
             while True:
-                yield from read_samples(shard_rng.choice(self.urls), on_error=self.decoder.count_error,
-                                        fields=self.fields, max_bytes=self.max_bytes)
+                url = shard_rng.choice(self.urls)
+                read = 0
+                for sample in read_samples(url, on_error=self.decoder.count_error, fields=self.fields,
+                                           max_bytes=self.max_bytes):  # fmt: skip
+                    read += 1
+                    yield sample
+                empty_draws = 0 if read else empty_draws + 1
+                if empty_draws > 10 * len(self.urls):
+                    raise ValueError(f"rank {self.rank}, worker {worker}: {empty_draws} shards in a row held no sample "
+                                     f"(of {len(self.urls)}, e.g. {url}); check data.train_shards")  # fmt: skip
 
         batch: list[dict] = []
+        since = budget.counts.copy()
         for sample in shuffled(raw(), self.shuffle_buffer, sample_rng):
             decoded = self.decoder(sample)
             if decoded is not None:
                 batch.append(decoded)
             if len(batch) == self.batch_size:
                 yield self._batch(batch)
-                batch = []
+                batch, since = [], budget.counts.copy()
+            elif decoded is None:
+                recent = budget.counts.since(since)
+                if recent.over(limits.max_error_rate, limits.error_rate_min_samples):
+                    raise DataErrorRateExceeded(recent.stop_message(limits.max_error_rate, f"rank {self.rank}, worker {worker} "
+                                                                    "since its last batch"))  # fmt: skip

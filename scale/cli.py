@@ -221,9 +221,12 @@ def failure_line(error: BaseException, args: list[str]) -> str | None:
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     hint = " (--debug for the traceback)"
-    if isinstance(error, DataErrorRateExceeded):
+    message = str(error).strip()
+    if "Original Traceback" in message:
         # Raised in a data worker, it arrives wrapped in the worker's traceback: keep its own line.
-        return "stopped: " + str(error).strip().splitlines()[-1].split("DataErrorRateExceeded: ", 1)[-1]
+        message = re.sub(r"^[\w.]+: ", "", message.splitlines()[-1])
+    if isinstance(error, DataErrorRateExceeded):
+        return f"stopped: {message}"
     if isinstance(error, PluginError):  # a plugin modality that does not load is a setting to fix
         return f"error: {error}"
     if isinstance(error, pickle.UnpicklingError):
@@ -237,7 +240,7 @@ def failure_line(error: BaseException, args: list[str]) -> str | None:
         return None if line is None else line + hint
     if isinstance(error, (FileNotFoundError, ValueError, MisconfigurationException)):
         # Bad input (a missing shard folder, an invalid setting): one line, not a traceback.
-        return f"error: {one_line(str(error), args)}{hint}"
+        return f"error: {one_line(message, args)}{hint}"
     return None
 
 

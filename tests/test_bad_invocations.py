@@ -54,6 +54,8 @@ def w(tmp_path_factory) -> Path:
     outputs a user already has (an export with a file of theirs, demo data, metrics, shards)."""
     w = tmp_path_factory.mktemp("invocations")
     write_products(w / "shards", [False] * 24)
+    write_products(w / "bad_shards", [True] * 40)
+    write_products(w / "empty_shards", [])
     fit = scale("fit", "--config", str(TINY_YAML), "--data.train_shards", "shards", "--model.config.modalities", "[text]",
                 "--trainer.default_root_dir", "run", cwd=w)  # fmt: skip
     assert fit.returncode == 0, fit.stderr[-2000:]
@@ -96,6 +98,10 @@ CASES = {
     "wrong type": ([*FIT, "--data.batch_size", "many"], "--data.batch_size: expected a <class 'int'>"),
     "unknown modality": ([*FIT, "--model.config.modalities", "[text, smell]"], "model.config.modalities: unknown ['smell']"),
     "no shards": ([*FIT, "--data.train_shards", "nowhere"], "shards 'nowhere': no shard found"),
+    "all samples bad, resampled": ([*FIT, "--data.train_shards", "bad_shards", "--data.num_workers", "2",
+                                    "--data.limits.error_rate_min_samples", "100"], "since its last batch had errors"),
+    "shards without samples": ([*FIT, "--data.train_shards", "empty_shards", "--data.num_workers", "2"],
+                               "shards in a row held no sample"),
     "unfinished conversion": ([*FIT, "--data.train_shards", "half_converted"], "a conversion that has not finished"),
     "truncated checkpoint to resume": ([*FIT, "--ckpt_path", "truncated.ckpt"], "--ckpt_path truncated.ckpt"),
     "checkpoint that runs code, resume": ([*FIT, "--ckpt_path", "evil.ckpt"], "refused to unpickle"),
