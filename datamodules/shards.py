@@ -37,8 +37,11 @@ How it works, and why:
 
 A shard can exceed `max_bytes` only when one product alone is larger (it then gets a shard of its
 own, and the report lists it). OUT holding shards of another plan (other source or settings), or files that are not a conversion's,
-is an error unless `overwrite=True`: nothing already written is replaced silently. A conversion
-writes `sizes.json` last: until then the loader refuses the folder (`scale/shard_format.py`), so a
+is an error unless `overwrite=True`: nothing already written is replaced silently. With it, the new
+conversion is written beside OUT (`.OUT.replacing`, resumed there by the same command) and swapped
+in when done, so a failure leaves the old shard set whole (only when OUT also holds files of the
+user's is it cleared and converted in place, keeping their files). A conversion writes
+`sizes.json` last: until then the loader refuses the folder (`scale/shard_format.py`), so a
 half-finished conversion is never trained on, and the same command finishes it.
 """
 
@@ -217,25 +220,43 @@ def _clear(out: Path) -> None:
         path.unlink()
 
 
+OURS = re.compile(r"shard-\d+\.tar(\.tmp)?|" + "|".join(map(re.escape, (SIZES_FILE, REPORT_FILE, SKIPPED_FILE, PROGRESS))))
+"""What a conversion writes into OUT."""
+
+
+def _foreign(out: Path) -> list[str]:
+    return sorted(p.name for p in out.iterdir() if not OURS.fullmatch(p.name)) if out.is_dir() else []
+
+
 def _refuse_foreign(out: Path, overwrite: bool) -> None:
     """A non-empty OUT that is not a conversion (a user's folder) is refused before anything is
     written into it, unless `overwrite` (which removes only our outputs, never other files)."""
     if overwrite or not out.is_dir() or (out / PROGRESS / "plan.json").is_file():
         return
-    ours = re.compile(r"shard-\d+\.tar(\.tmp)?|" + "|".join(map(re.escape, (SIZES_FILE, REPORT_FILE, SKIPPED_FILE, PROGRESS))))
-    foreign = sorted(p.name for p in out.iterdir() if not ours.fullmatch(p.name))
+    foreign = _foreign(out)
     if foreign:
         raise ValueError(f"shards --out: {out} is not empty and not a conversion ({', '.join(foreign[:3])}"
                          f"{', ...' if len(foreign) > 3 else ''}); use an empty or new folder, or --overwrite "
                          "(which removes only shards and reports, never other files)")  # fmt: skip
 
 
-def _load_or_plan(source, out: Path, max_count: int, max_bytes: int, limits: DataLimits, overwrite: bool) -> dict:
+def _fingerprint(source, max_count: int, max_bytes: int, limits: DataLimits) -> dict:
     try:
-        fingerprint = {"version": PLAN_VERSION, "source": source.fingerprint(), "max_count": max_count,
-                       "max_bytes": max_bytes, "limits": asdict(limits)}
+        return {"version": PLAN_VERSION, "source": source.fingerprint(), "max_count": max_count,
+                "max_bytes": max_bytes, "limits": asdict(limits)}
     except OSError as error:
         raise ValueError(f"shards: cannot read {source.meta} ({error.strerror or error})") from None
+
+
+def _replaces_another(out: Path, fingerprint: dict) -> bool:
+    """OUT holds another conversion (another plan, or shards without one)."""
+    plan_path = out / PROGRESS / "plan.json"
+    if plan_path.is_file():
+        return json.loads(plan_path.read_text()).get("fingerprint") != fingerprint
+    return bool(list(out.glob("shard-*.tar")) or (out / SIZES_FILE).exists())
+
+
+def _load_or_plan(source, out: Path, fingerprint: dict, limits: DataLimits, overwrite: bool) -> dict:
     plan_path = out / PROGRESS / "plan.json"
     if plan_path.is_file():
         plan = json.loads(plan_path.read_text())
@@ -250,7 +271,7 @@ def _load_or_plan(source, out: Path, max_count: int, max_bytes: int, limits: Dat
                          "use another --out, or --overwrite to replace them")
 
     _clear(out)
-    return _plan(source, out, max_count, max_bytes, limits, fingerprint)
+    return _plan(source, out, fingerprint["max_count"], fingerprint["max_bytes"], limits, fingerprint)
 
 
 # --------------------------------------------------------------------------------------- write
@@ -314,13 +335,32 @@ def write_shards(src: str | Path, out: str | Path, max_count: int = DEFAULT_MAX_
     source = open_source(src, layout, meta, dirs, derive)
     out = Path(out)
     _refuse_foreign(out, overwrite)
+    fingerprint = _fingerprint(source, max_count, max_bytes, limits)
+    if overwrite and out.is_dir() and _replaces_another(out, fingerprint) and not _foreign(out):
+        # The old conversion stays whole (and usable) until the new one is: it is written beside
+        # OUT (the same command resumes it there) and the folders are swapped when it is done.
+        staging = out.parent / f".{out.name}.replacing"
+        summary = _convert(source, staging, fingerprint, limits, processes, log, start, overwrite=True, named=out)
+        replaced = out.parent / f".{out.name}.replaced"
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.rename(out, replaced)
+        os.rename(staging, out)
+        shutil.rmtree(replaced)
+        return summary
+    return _convert(source, out, fingerprint, limits, processes, log, start, overwrite=overwrite)
+
+
+def _convert(source, out: Path, fingerprint: dict, limits: DataLimits, processes: int, log, start: float,
+             overwrite: bool = False, named: Path | None = None) -> dict:
+    """Plan (or reuse the plan) and write the missing shards of one conversion in `out`; the
+    summary names `named` (the folder it will be in) when that is another."""
     (out / PROGRESS).mkdir(parents=True, exist_ok=True)
     with open(out / PROGRESS / "lock", "a") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ValueError(f"shards --out: another conversion is writing to {out}") from None
-        plan = _load_or_plan(source, out, max_count, max_bytes, limits, overwrite)
+            raise ValueError(f"shards --out: another conversion is writing to {named or out}") from None
+        plan = _load_or_plan(source, out, fingerprint, limits, overwrite)
         for stale in [*out.glob("shard-*.tar.tmp"), *(out / PROGRESS).glob("*.tmp")]:
             stale.unlink()  # a crashed run's partial files; their shards are not done
         names = [s["name"] for s in plan["shards"]]
@@ -329,7 +369,7 @@ def write_shards(src: str | Path, out: str | Path, max_count: int = DEFAULT_MAX_
             log(f"shards: {plan['products']} products planned in {len(names)} shards; "
                 f"{len(names) - len(pending)} done, {len(pending)} to write with {min(processes, max(len(pending), 1))} process(es)")
         written = _write_all(out, pending, limits, processes, log, len(names))
-        summary = _finish(out, source, plan, written, time.perf_counter() - start)
+        summary = _finish(out, source, plan, written, time.perf_counter() - start, named or out)
     return summary
 
 
@@ -358,7 +398,7 @@ def _write_all(out: Path, pending: list[str], limits: DataLimits, processes: int
     return done
 
 
-def _finish(out: Path, source, plan: dict, written: list[dict], seconds: float) -> dict:
+def _finish(out: Path, source, plan: dict, written: list[dict], seconds: float, named: Path) -> dict:
     """sizes.json, report.json and skipped.jsonl from the records of every shard (this run's and earlier)."""
     records = [json.loads(_record_path(out, s["name"]).read_text()) for s in plan["shards"]]
     sizes = {r["shard"]: r["count"] for r in records}
@@ -368,7 +408,7 @@ def _finish(out: Path, source, plan: dict, written: list[dict], seconds: float) 
     for item in items:
         counts.setdefault(item["action"], Counter())[f"{item['modality']}/{item['reason']}"] += 1
     new = sum(r["count"] for r in written)
-    pattern = brace_pattern(out, len(sizes))
+    pattern = brace_pattern(named, len(sizes))
     summary = {
         "samples": sum(sizes.values()), "shards": len(sizes), "pattern": pattern,
         "bytes": sum(r["bytes"] for r in records), "records": plan["records"],
@@ -383,7 +423,7 @@ def _finish(out: Path, source, plan: dict, written: list[dict], seconds: float) 
         "this_run": {"shards_written": len(written), "samples_written": new, "seconds": round(seconds, 2),
                      "products_per_s": round(new / seconds, 1) if seconds > 0 else None},
         "seconds": round(seconds, 2), "source": str(source.meta), "layout": source.layout,
-        "report": str(out / REPORT_FILE), "items": str(out / SKIPPED_FILE),
+        "report": str(named / REPORT_FILE), "items": str(named / SKIPPED_FILE),
     }
     _atomic_write(out / SKIPPED_FILE, "".join(json.dumps(i) + "\n" for i in items if i["action"] != "added").encode())
     _atomic_write(out / SIZES_FILE, json.dumps(sizes, indent=1).encode())

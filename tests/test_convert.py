@@ -290,6 +290,25 @@ def test_bad_inputs_are_one_line_errors(releases, tmp_path, capsys):
     assert str(exit_info.value).startswith("scale shards: error:") and "\n" not in str(exit_info.value)
 
 
+def test_an_overwrite_that_crashes_leaves_the_old_shard_set_whole(releases, tmp_path):
+    """--overwrite writes the new conversion beside OUT and swaps it in when done: killed midway,
+    the old set is still there and loadable, and the same command resumes and replaces it."""
+    out = tmp_path / "done"
+    write_shards(releases["jsonl"], out, max_count=12)
+    old, old_sizes = read_shards(out)
+    code = (f"from datamodules.shards import write_shards; "
+            f"write_shards({str(releases['jsonl'])!r}, {str(out)!r}, max_count=6, overwrite=True)")
+    crashed = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, KILL_ENV: "1"},
+                             start_new_session=True, capture_output=True, timeout=120)  # fmt: skip
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr.decode()[-2000:]
+    assert read_shards(out) == (old, old_sizes) and len(list_shards(str(out))) == 2
+    assert (tmp_path / ".done.replacing" / PROGRESS / "plan.json").is_file()
+    summary = write_shards(releases["jsonl"], out, max_count=6, overwrite=True)
+    assert summary["shards"] == 4 and summary["pattern"].startswith(str(out))
+    assert read_shards(out)[0] == old, "the same products, in more shards"
+    assert len(list_shards(str(out))) == 4 and not list(tmp_path.glob(".done.*"))
+
+
 def test_official_folder_flags_and_bad_official_records(releases, tmp_path, capsys):
     raw = tmp_path / "raw"
     products = json.loads((releases["official"] / "products.json").read_text())

@@ -229,6 +229,11 @@ class _Helper:
             status = 0
             try:
                 parent_end.close()
+                # Hold none of the owner's files: an inherited descriptor keeps its locks (the
+                # converter's lock on OUT), pipes and sockets open for as long as the helper lives.
+                keep = child_end.fileno()
+                os.closerange(3, keep)
+                os.closerange(keep + 1, max(os.sysconf("SC_OPEN_MAX"), keep + 1))
                 _serve(child_end, owner)
             except BaseException:
                 status = 1
