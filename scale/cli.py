@@ -7,6 +7,9 @@
     scale corrupt --src RAW --out DIR --modalities text --kind swap --rate 0.5   robustness settings
     scale export --ckpt CKPT --out DIR                                   checkpoint -> safetensors + config
     scale evaluate --model DIR --data SHARDS [--compare-random]          retrieval / probe / clustering
+
+A mistake is one line naming the option, file or field; add --debug (anywhere) for the traceback.
+Commands that write an --out refuse to write over an earlier output unless given --overwrite.
 """
 
 from __future__ import annotations
