@@ -73,15 +73,15 @@ class SampleDecoder:
 
     @property
     def errors(self) -> Counter[str]:
-        return self.budget.errors
+        return self.budget.counts.errors
 
     @property
     def samples(self) -> int:
-        return self.budget.samples
+        return self.budget.counts.samples
 
     @property
     def bad_samples(self) -> int:
-        return self.budget.bad_samples
+        return self.budget.counts.bad_samples
 
     @property
     def dropped(self) -> int:

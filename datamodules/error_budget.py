@@ -87,18 +87,6 @@ class ErrorBudget:
         self._in_sample = False
         self._sample_is_bad = False
 
-    @property
-    def samples(self) -> int:
-        return self.counts.samples
-
-    @property
-    def bad_samples(self) -> int:
-        return self.counts.bad_samples
-
-    @property
-    def errors(self) -> Counter[str]:
-        return self.counts.errors
-
     @contextmanager
     def sample(self) -> Iterator[None]:
         """Count one sample; errors counted inside make it (once) a bad one."""

@@ -248,28 +248,28 @@ def _fingerprint(source, max_count: int, max_bytes: int, limits: DataLimits) -> 
         raise ValueError(f"shards: cannot read {source.meta} ({error.strerror or error})") from None
 
 
-def _replaces_another(out: Path, fingerprint: dict) -> bool:
-    """OUT holds another conversion (another plan, or shards without one)."""
-    plan_path = out / PROGRESS / "plan.json"
-    if plan_path.is_file():
-        return json.loads(plan_path.read_text()).get("fingerprint") != fingerprint
-    return bool(list(out.glob("shard-*.tar")) or (out / SIZES_FILE).exists())
-
-
-def _load_or_plan(source, out: Path, fingerprint: dict, limits: DataLimits, overwrite: bool) -> dict:
+def _existing(out: Path, fingerprint: dict) -> tuple[dict | None, str | None]:
+    """What OUT holds: (its plan, when it is this conversion's; why it is another conversion, when
+    it is one: another plan, or shards without one). (None, None): nothing converted yet."""
     plan_path = out / PROGRESS / "plan.json"
     if plan_path.is_file():
         plan = json.loads(plan_path.read_text())
         if plan.get("fingerprint") == fingerprint:
-            return plan
-        if not overwrite:
-            diff = "; ".join(_fingerprint_diff(plan.get("fingerprint", {}), fingerprint)[:4])
-            raise ValueError(f"shards --out: {plan_path} was planned from another source or settings ({diff}); "
-                             "use another --out, or --overwrite to replace that conversion")
-    elif (list(out.glob("shard-*.tar")) or (out / SIZES_FILE).exists()) and not overwrite:
-        raise ValueError(f"shards --out: {out} holds shards without a plan (another conversion?); "
-                         "use another --out, or --overwrite to replace them")
+            return plan, None
+        diff = "; ".join(_fingerprint_diff(plan.get("fingerprint", {}), fingerprint)[:4])
+        return None, (f"{plan_path} was planned from another source or settings ({diff}); use another --out, "
+                      "or --overwrite to replace that conversion")  # fmt: skip
+    if list(out.glob("shard-*.tar")) or (out / SIZES_FILE).exists():
+        return None, f"{out} holds shards without a plan (another conversion?); use another --out, or --overwrite to replace them"
+    return None, None
 
+
+def _load_or_plan(source, out: Path, fingerprint: dict, limits: DataLimits, overwrite: bool) -> dict:
+    plan, other = _existing(out, fingerprint)
+    if plan is not None:
+        return plan
+    if other is not None and not overwrite:
+        raise ValueError(f"shards --out: {other}")
     _clear(out)
     return _plan(source, out, fingerprint["max_count"], fingerprint["max_bytes"], limits, fingerprint)
 
@@ -336,7 +336,7 @@ def write_shards(src: str | Path, out: str | Path, max_count: int = DEFAULT_MAX_
     out = Path(out)
     _refuse_foreign(out, overwrite)
     fingerprint = _fingerprint(source, max_count, max_bytes, limits)
-    if overwrite and out.is_dir() and _replaces_another(out, fingerprint) and not _foreign(out):
+    if overwrite and out.is_dir() and _existing(out, fingerprint)[1] is not None and not _foreign(out):
         # The old conversion stays whole (and usable) until the new one is: it is written beside
         # OUT (the same command resumes it there) and the folders are swapped when it is done.
         staging = out.parent / f".{out.name}.replacing"

@@ -37,20 +37,31 @@ TOOLS = {
 }
 
 
+def _command(argv: list[str]) -> str:
+    """The command a command line runs (LightningCLI's default, `fit`, when it names none)."""
+    return argv[0] if argv and not argv[0].startswith("-") else "fit"
+
+
+def _option_error(command: str, message: str):
+    """A bad option or value: one line and exit status 2, as argparse's, without the usage."""
+    print(f"scale {command}: error: {message} (scale {command} --help lists the options)", file=sys.stderr)
+    sys.exit(2)
+
+
 class _ToolParser(argparse.ArgumentParser):
     """No abbreviated options, and a bad option is one line (argparse prints the usage first)."""
 
-    def __init__(self, **kwargs) -> None:
-        super().__init__(allow_abbrev=False, **kwargs)
+    def __init__(self, command: str, **kwargs) -> None:
+        super().__init__(prog=f"scale {command}", allow_abbrev=False, **kwargs)
+        self.command = command
 
     def error(self, message: str):
-        print(f"{self.prog}: error: {message} ({self.prog} --help lists the options)", file=sys.stderr)
-        sys.exit(2)
+        _option_error(self.command, message)
 
 
 def _run_tool(name: str, argv: list[str]) -> None:
     module = importlib.import_module(TOOLS[name][0])
-    parser = _ToolParser(prog=f"scale {name}", description=TOOLS[name][1])
+    parser = _ToolParser(name, description=TOOLS[name][1])
     module.add_arguments(parser)
     module.run(parser.parse_args(argv))
 
@@ -105,9 +116,7 @@ def build_cli(args: list[str] | None = None, run: bool = True):
             if not self.exit_on_error or os.environ.get("SCALE_DEBUG"):
                 return super().error(message, ex)
             argv = sys.argv[1:] if args is None else list(args)
-            command = argv[0] if argv and not argv[0].startswith("-") else "fit"
-            print(f"scale {command}: error: {one_line(message, argv)} (scale {command} --help lists the options)", file=sys.stderr)
-            sys.exit(2)
+            _option_error(_command(argv), one_line(message, argv))
 
     class SCALECLI(LightningCLI):
         @staticmethod
@@ -121,13 +130,17 @@ def build_cli(args: list[str] | None = None, run: bool = True):
             parser.link_arguments("model.config", "data.model_config", apply_on="parse")
 
         def _parse_ckpt_path(self) -> None:
-            # LightningCLI reads --ckpt_path's hyperparameters before anything else: a checkpoint
-            # still being written (or cut short by a full disk) is one line there, not a traceback.
+            # LightningCLI reads --ckpt_path's hyperparameters (weights_only=True) before anything
+            # else, before the trainer and its checkpoint IO exist: a pickle that would run code,
+            # or a checkpoint still being written (or cut short by a full disk), is one line here.
+            from scale.export import refused_to_unpickle, unreadable_checkpoint
+
             try:
                 super()._parse_ckpt_path()
+            except pickle.UnpicklingError as error:
+                path = self.config[self.config.subcommand].get("ckpt_path")
+                raise ValueError(f"--ckpt_path {refused_to_unpickle(path, error)}") from None
             except (RuntimeError, EOFError) as error:
-                from scale.export import unreadable_checkpoint
-
                 path = self.config[self.config.subcommand].get("ckpt_path")
                 raise ValueError(f"--ckpt_path {unreadable_checkpoint(path, error)}") from None
 
@@ -154,12 +167,12 @@ def build_cli(args: list[str] | None = None, run: bool = True):
 
             # One error budget for the whole job (datamodules/error_budget.py).
             ensure(DataErrorStop, DataErrorStop)
-            if init.get("logger") in (False, None, []):
+            callbacks = init.get("callbacks") or []
+            kept = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+            if init.get("logger") in (False, None, []) and len(kept) < len(callbacks):
                 # `--trainer.logger false` asks for no logs, not for a crash in the callbacks that log.
-                dropped = [c for c in init.get("callbacks") or [] if isinstance(c, LearningRateMonitor)]
-                init["callbacks"] = [c for c in init.get("callbacks") or [] if c not in dropped]
-                if dropped:
-                    log.info("trainer.logger is off: LearningRateMonitor left out")
+                init["callbacks"] = kept
+                log.info("trainer.logger is off: LearningRateMonitor left out")
             if SLURMEnvironment.detect():
                 # Preemption is handled at step boundaries (callbacks/requeue.py), not by Lightning's
                 # handler, which saves mid-step from inside the signal handler.
@@ -187,15 +200,6 @@ def build_cli(args: list[str] | None = None, run: bool = True):
     )
 
 
-def _ckpt_path(args: list[str]) -> str:
-    for i, arg in enumerate(args):
-        if arg.startswith("--ckpt_path="):
-            return arg.split("=", 1)[1]
-        if arg == "--ckpt_path" and i + 1 < len(args):
-            return args[i + 1]
-    return "?"
-
-
 def main(argv: list[str] | None = None) -> None:
     """Run a command; a failure the user can fix is one line on stderr and exit status 1 (a bad
     option: 2). `--debug` (anywhere) or SCALE_DEBUG=1 shows the traceback instead."""
@@ -204,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
         args = [a for a in args if a != "--debug"]
         os.environ["SCALE_DEBUG"] = "1"  # data workers and DDP processes inherit it
         argv, sys.argv = args, [sys.argv[0], *args]
-    command = args[0] if args and not args[0].startswith("-") else "fit"
+    command = _command(args)
     try:
         if args and args[0] in TOOLS:
             _run_tool(args[0], args[1:])
@@ -232,12 +236,6 @@ def failure_line(error: BaseException, args: list[str]) -> str | None:
         return f"stopped: {message}"
     if isinstance(error, PluginError):  # a plugin modality that does not load is a setting to fix
         return f"error: {error}"
-    if isinstance(error, pickle.UnpicklingError):
-        from scale.export import refused_to_unpickle
-
-        # LightningCLI reads --ckpt_path's hyperparameters itself (weights_only=True), before
-        # the trainer and its checkpoint IO exist: a pickle that would run code is refused there.
-        return f"error: --ckpt_path {refused_to_unpickle(_ckpt_path(args), error)}"
     if isinstance(error, OSError) and not isinstance(error, FileNotFoundError):
         line = disk_error(error, "error: writing")
         return None if line is None else line + hint

@@ -167,9 +167,9 @@ def _from_dict(cls: type, data: dict[str, Any]) -> Any:
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise ValueError(f"{cls.__name__}: unknown keys {unknown}")
-    kwargs = {}
+    kwargs, defaults = {}, cls()  # built once: building checks every section's bounds
     for name, value in data.items():
-        default = getattr(cls(), name) if name in known else None
+        default = getattr(defaults, name)
         if is_dataclass(default) and isinstance(value, dict):
             kwargs[name] = _from_dict(type(default), value)
         elif isinstance(default, tuple) and isinstance(value, list):
