@@ -51,6 +51,12 @@ so no single modality is a perfect label but fusing them helps:
 M5Product "title poorly matched" noise). Output is deterministic: every product draws from an RNG
 keyed by (seed, index), so ``workers`` does not change the result and same args give a
 byte-identical meta.jsonl.
+
+``language="zh"`` (``--language zh``) writes the same products with Chinese titles and tables, as
+M5Product's are: every word the English demo draws is replaced by its Chinese word of
+`datamodules/demo_words_zh.py` (brands, model codes and units stay Latin, as in real Chinese
+listings). The words are drawn in English and replaced afterwards, so the same arguments give the
+same categories, instances, labels and media files in both languages; only the text differs.
 """
 
 from __future__ import annotations
@@ -63,11 +69,11 @@ import multiprocessing
 import time
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from datamodules import demo_features
+from datamodules import demo_features, demo_words_zh
 from scale.modalities import BUILTIN
 from scale.outputs import output_folder
 from scale.shard_format import format_table
@@ -80,6 +86,7 @@ CONFUSION = 0.25
 
 _FILES = {"image": "images/{}.jpg", "video": "videos/{}.mp4", "audio": "audios/{}.wav"}
 LAYOUTS = ("jsonl", "official")
+LANGUAGES = ("en", "zh")
 OFFICIAL_META = "products.json"
 _OFFICIAL = {"image": "image/{}.jpg", "video": "video/{}.mp4", "audio": "audio/{}.wav"}
 _OFFICIAL_AUDIO = ("audio/{}.wav", "audio/{}.mp3")  # every audio file name a product may have had
@@ -111,6 +118,22 @@ _SYLLABLES = ("ka lo mi ra ven zu tor qui sa ne dor fi ga ble xo pe lin mar co t
               "bro nix sol ume vak dri").split()
 
 
+class _Words(NamedTuple):
+    """The words of a product that are not its category's or instance's: per language."""
+
+    fillers: tuple[str, ...]
+    brand_key: str
+    model_key: str
+
+
+_WORDS = {
+    "en": _Words(_FILLERS, "brand", "model"),
+    # Same length and order as the English fillers: the same draws pick the same words.
+    "zh": _Words(tuple(demo_words_zh.FILLERS[w] for w in _FILLERS), demo_words_zh.BRAND_KEY,
+                 demo_words_zh.MODEL_KEY),
+}
+
+
 _MASKS = {  # dx, dy: offsets from the shape centre in image units; r: shape radius
     "circle": lambda dx, dy, r: dx**2 + dy**2 < r**2,
     "square": lambda dx, dy, r: np.maximum(abs(dx), abs(dy)) < r * 0.85,
@@ -131,6 +154,35 @@ def _word(rng: np.random.Generator, used: set[str]) -> str:
             break
     used.add(w)
     return w
+
+
+def _syllables(word: str) -> list[str] | None:
+    """The syllables `_word` joined into `word` (None: it is not made of them). Any parse joins
+    back to `word`, so distinct words give distinct syllable lists."""
+    if not word:
+        return []
+    for s in _SYLLABLES:
+        if word.startswith(s) and (rest := _syllables(word[len(s):])) is not None:
+            return [s, *rest]
+    return None
+
+
+def _in_chinese(world: list[dict], insts: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The world and instances with their category words, property keys and values in Chinese
+    (`datamodules/demo_words_zh.py`); a made-up category word becomes one character per syllable.
+    Translated after drawing, so every draw (and every medium) is the English demo's."""
+    zh = demo_words_zh
+
+    def word(w: str) -> str:
+        return zh.NOUNS.get(w) or "".join(zh.SYLLABLES[s] for s in _syllables(w) or [])
+
+    def props(p: dict) -> dict:
+        return {zh.KEYS[k]: [zh.VALUES.get(x, x) for x in v] if isinstance(v, list) else zh.VALUES.get(v, v)
+                for k, v in p.items()}  # fmt: skip
+
+    world = [{**c, "name": "、".join(word(w) for w in c["words"][:2]), "words": [word(w) for w in c["words"]],
+              "props": props(c["props"])} for c in world]  # fmt: skip
+    return world, [{**inst, "props": props(inst["props"])} for inst in insts]
 
 
 def _hsv(h: float, s: float, v: float) -> np.ndarray:
@@ -187,7 +239,8 @@ def _instances(products: int, seed: int, world: list[dict]) -> tuple[list[dict],
     return insts, [listing[i] for i in rng.permutation(products)]
 
 
-def _product(i: int, seed: int, inst: dict, world: list[dict], missing: dict[str, float]) -> dict:
+def _product(i: int, seed: int, inst: dict, world: list[dict], missing: dict[str, float],
+             vocab: _Words = _WORDS["en"]) -> dict:
     """Draws everything about product `i` except pixel/sample noise (that happens in `_render`)."""
     rng = np.random.default_rng([seed, _PRODUCT, i])
     own = inst["category"]
@@ -198,13 +251,13 @@ def _product(i: int, seed: int, inst: dict, world: list[dict], missing: dict[str
     present = {m: bool(rng.random() >= missing.get(m, 0.0)) for m in MODALITIES}
     cw = world[shown["text"]]["words"]
     words = [inst["brand"], *rng.choice(cw, int(rng.integers(2, 4)), replace=False),
-             *rng.choice(_FILLERS, int(rng.integers(2, 5)), replace=False)]
+             *rng.choice(vocab.fillers, int(rng.integers(2, 5)), replace=False)]
     title = " ".join(str(w) for w in rng.permutation(words))
     tc = world[shown["table"]]
     keys = rng.choice(list(tc["props"]), int(rng.integers(3, 6)), replace=False)
     own_props = shown["table"] == own  # a confused table shows the other category's values
     pairs = [(str(k), inst["props"][k] if own_props else str(rng.choice(tc["props"][k])))
-             for k in keys] + [("brand", inst["brand"]), ("model", inst["model"])]
+             for k in keys] + [(vocab.brand_key, inst["brand"]), (vocab.model_key, inst["model"])]
     table = format_table(pairs[j] for j in rng.permutation(len(pairs)))
     if not any(present.values()):  # drawn last, so the missing rates never change the content
         present[MODALITIES[int(rng.integers(len(MODALITIES)))]] = True
@@ -315,12 +368,15 @@ def generate(out: str | Path, products: int, seed: int = 0, categories: int = 8,
              video_seconds: float = 2.0, fps: int = 12, audio_seconds: float = 2.0,
              sample_rate: int = 16000, workers: int = 0, features: bool = False,
              region_dim: int = 2048, video_feature_dim: int = 1024, mel_bins: int = 80,
-             mel_frames: int = 751, layout: str = "jsonl") -> Path:
+             mel_frames: int = 751, layout: str = "jsonl", language: str = "en") -> Path:
     """Writes the raw folder; returns path to meta.jsonl (`layout="official"`: products.json).
     `features` also writes the pre-extracted feature arrays (widths `region_dim`,
-    `video_feature_dim`, `mel_bins`; at most `mel_frames`)."""
+    `video_feature_dim`, `mel_bins`; at most `mel_frames`). `language="zh"`: Chinese text, the
+    same products otherwise (module doc)."""
     if layout not in LAYOUTS:
         raise ValueError(f"demo layout {layout!r}: expected one of {LAYOUTS}")
+    if language not in LANGUAGES:
+        raise ValueError(f"demo language {language!r}: expected one of {LANGUAGES}")
     missing = dict(missing or {})
     for m, rate in missing.items():
         if m not in MODALITIES:
@@ -341,7 +397,9 @@ def generate(out: str | Path, products: int, seed: int = 0, categories: int = 8,
 
     world = _world(categories, world_seed)
     insts, listing = _instances(products, seed, world)
-    rows = [_product(i, seed, insts[listing[i]], world, missing) for i in range(products)]
+    if language == "zh":
+        world, insts = _in_chinese(world, insts)
+    rows = [_product(i, seed, insts[listing[i]], world, missing, _WORDS[language]) for i in range(products)]
     rng = np.random.default_rng([seed, _NOISY])
     raw = [r["title"] for r in rows]
     for i in np.flatnonzero(rng.random(products) < noisy_title_rate) if products > 1 else []:
@@ -449,6 +507,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--layout", choices=LAYOUTS, default="jsonl",
       help="jsonl: meta.jsonl + images/ videos/ audios/; official: products.json + image/ video/ audio/ "
            "(some audio as mp3, some only in the video's track), as the M5Product release")
+    a("--language", choices=LANGUAGES, default="en",
+      help="language of titles and tables: en, or zh (Chinese, as M5Product's; the same products and media)")
     a("--features", action="store_true",
       help="also write M5Product-style pre-extracted features (features/*.npy, meta.jsonl fields)")
     for flag, default in (("region-dim", 2048), ("video-feature-dim", 1024), ("mel-bins", 80),

@@ -5,6 +5,7 @@
     scale demo-data --out DIR --products N --seed S                      demo products as real media files
     scale shards --src RAW --out DIR [--processes N]                     a release -> tar shards (restartable)
     scale corrupt --src RAW --out DIR --modalities text --kind swap --rate 0.5   robustness settings
+    scale tokenizer --src RAW_OR_SHARDS --out DIR [--compare minilm]   a WordPiece vocabulary from the release's text
     scale export --ckpt CKPT --out DIR                                   checkpoint -> safetensors + config
     scale evaluate --model DIR --data SHARDS [--compare-random]          retrieval / probe / clustering
 
@@ -32,6 +33,7 @@ TOOLS = {
     "demo-data": ("datamodules.demo", "write demo products (JPEG, MP4, WAV, meta.jsonl)"),
     "shards": ("datamodules.shards", "convert an M5Product release (meta.jsonl or the official JSON + folders) into tar shards"),
     "corrupt": ("datamodules.corrupt", "blank, swap or noise a known share of a modality (robustness protocol)"),
+    "tokenizer": ("datamodules.tokenizer_train", "train a WordPiece tokenizer (Chinese: one token per character) on a release's titles and tables"),
     "export": ("scale.export", "export a checkpoint for downstream use"),
     "evaluate": ("scale.evaluate", "evaluate an exported model on shards"),
 }

@@ -184,3 +184,33 @@ def test_cli_and_unknown_missing_key(tmp_path: Path, capsys: pytest.CaptureFixtu
         generate(tmp_path, 4, missing={"smell": 0.1})
     with pytest.raises(ValueError):
         generate(tmp_path, 4, missing={"video": 1.5})
+
+
+def test_chinese_is_the_same_products_in_chinese_words(tmp_path: Path) -> None:
+    """`language="zh"`: every English word replaced by its Chinese one (made-up category words of the
+    categories past the noun list too), brands and model codes kept; labels and media unchanged."""
+    from datamodules import demo_words_zh as zh
+    from datamodules.demo import _syllables
+
+    kw = dict(seed=4, categories=12, missing={"video": 1.0, "audio": 1.0}, **SMALL)
+    en, cn = (_rows(generate(tmp_path / lang, 30, language=lang, **kw)) for lang in ("en", "zh"))
+
+    def word(w: str) -> str:
+        if w[0].isupper() or w in zh.FILLERS.values():  # a brand, or a filler replaced below
+            return w
+        return zh.NOUNS.get(w) or zh.FILLERS.get(w) or "".join(zh.SYLLABLES[s] for s in _syllables(w))
+
+    keys = {**zh.KEYS, "brand": zh.BRAND_KEY, "model": zh.MODEL_KEY}
+    for e, c in zip(en, cn):
+        assert {k: v for k, v in e.items() if k not in ("title", "table")} == {k: v for k, v in c.items() if k not in ("title", "table")}
+        title = e["title"]
+        for phrase in ("free shipping", "fast delivery"):  # the fillers of two words
+            title = title.replace(phrase, zh.FILLERS[phrase])
+        assert c["title"] == " ".join(word(w) for w in title.split())
+        pairs = [p.split("#:#") for p in e["table"].split("#;#")]
+        assert c["table"] == "#;#".join(f"{keys[k]}#:#{v if k in ('brand', 'model') else zh.VALUES.get(v, v)}" for k, v in pairs)
+        assert (tmp_path / "en" / e["image"]).read_bytes() == (tmp_path / "zh" / c["image"]).read_bytes()
+    made_up = set(zh.SYLLABLES.values())
+    assert any(set(w) <= made_up for r in cn for w in r["title"].split())  # categories past the noun list
+    with pytest.raises(ValueError, match="language"):
+        generate(tmp_path / "fr", 2, language="fr")
