@@ -7,6 +7,8 @@ An export folder holds:
     tokenizer/          the WordPiece tokenizer (tokenizer.json, vocab), when a modality tokenizes
     ...                 what a modality needs besides its weights (`Modality.export_assets`), e.g.
                         text_encoder/: the pretrained text BERT's architecture (config.json)
+    hf_text/ timm_image/  the text and image towers as folders `transformers` and `timm` load, and
+    README.md           the model card (`scale/towers.py`)
 
 Everything needed to rebuild the model is inside the folder: no package data, no hub, no Lightning.
 """
@@ -15,9 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pickle
-import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from scale.model import SCALE
 from scale.modalities import REGISTRY
 from scale.outputs import output_folder, refuse_non_empty
 from scale.pretrained_paths import load_tokenizer, resolve
+from scale.towers import disk_errors, write_towers
 
 TOKENIZER_FOLDER = "tokenizer"
 
@@ -132,7 +134,11 @@ def _read_deepspeed(folder: Path) -> dict[str, Any]:
 
 def load_checkpoint_model(ckpt: str | Path) -> SCALE:
     """The SCALE model inside a checkpoint of any format `read_checkpoint` reads (no code runs)."""
-    state = read_checkpoint(ckpt)
+    return model_from_checkpoint(read_checkpoint(ckpt))
+
+
+def model_from_checkpoint(state: Mapping[str, Any]) -> SCALE:
+    """The SCALE model of a checkpoint `read_checkpoint` returned, in eval mode."""
     config = ModelConfig.from_dict(state["hyper_parameters"]["config"])
     model = SCALE(config, load_weights=False)
     weights = {k.removeprefix("model."): v for k, v in state["state_dict"].items() if k.startswith("model.")}
@@ -140,29 +146,26 @@ def load_checkpoint_model(ckpt: str | Path) -> SCALE:
     return model.eval()
 
 
-def export_model(model: SCALE, out: str | Path, overwrite: bool = False) -> Path:
+def export_model(model: SCALE, out: str | Path, overwrite: bool = False, checkpoint: Mapping[str, Any] | None = None) -> Path:
     """Write the export folder `out` (module doc) through a staging folder renamed into place
     (`scale/outputs.py`): a non-empty `out` is refused unless `overwrite`, and a failure midway
-    (a full disk) leaves the previous export, or nothing."""
+    (a full disk) leaves the previous export, or nothing. `checkpoint`, the `read_checkpoint` dict
+    the model came from (its weights may be dropped), puts its training progress in the model card."""
     with output_folder(out, overwrite, "export --out") as staging:
-        _write_export(model, staging)
+        _write_export(model, staging, checkpoint)
     return Path(out)
 
 
-def _write_export(model: SCALE, out: Path) -> None:
+def _write_export(model: SCALE, out: Path, checkpoint: Mapping[str, Any] | None) -> None:
     config = ModelConfig.from_dict(model.config.to_dict())  # a copy whose paths we rewrite
     if any(encoder.uses_tokenizer for encoder in model.encoders.values()):
         load_tokenizer(config.tokenizer).save_pretrained(str(out / TOKENIZER_FOLDER))
         config.tokenizer = TOKENIZER_FOLDER
     for encoder in model.encoders.values():
         encoder.export_assets(out, config)
-    try:
+    with disk_errors(out / "model.safetensors"):
         safetensors.torch.save_model(model, str(out / "model.safetensors"))
-    except safetensors.SafetensorError as error:  # its I/O errors are not OSErrors: make them one
-        code = re.search(r"os error (\d+)", str(error))
-        if code is None:
-            raise
-        raise OSError(int(code[1]), os.strerror(int(code[1])), str(out / "model.safetensors")) from None
+    write_towers(model, out, checkpoint)
     (out / "config.json").write_text(json.dumps({"format": EXPORT_FORMAT, "model": config.to_dict()}, indent=1))
 
 
@@ -203,9 +206,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     refuse_non_empty(Path(args.out), args.overwrite, "export --out")  # before the checkpoint is read
-    out = export_model(load_checkpoint_model(args.ckpt), args.out, overwrite=args.overwrite)
+    state = read_checkpoint(args.ckpt)
+    model = model_from_checkpoint(state)
+    progress = {key: value for key, value in state.items() if key not in ("state_dict", "optimizer_states")}
+    del state  # the model holds the weights now
+    out = export_model(model, args.out, overwrite=args.overwrite, checkpoint=progress)
     print(f"exported {args.ckpt} -> {out}")
 
 
-__all__ = ["export_model", "load_checkpoint_model", "load_pretrained", "read_checkpoint", "refused_to_unpickle", "resolve",
-           "unreadable_checkpoint"]
+__all__ = ["export_model", "load_checkpoint_model", "load_pretrained", "model_from_checkpoint", "read_checkpoint",
+           "refused_to_unpickle", "resolve", "unreadable_checkpoint"]

@@ -23,6 +23,7 @@ fields (the image file: JPEG, PNG or WebP; the region features and boxes) with t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from scale.bounds import AT_LEAST_1, POSITIVE, SHARE
@@ -49,6 +50,12 @@ class ImageConfig(TrunkConfig):
     """Square input resolution in pixels."""
     patch: int = 16
     """ViT patch size."""
+    pretrained: str | None = None
+    """A local timm checkpoint the `pixels` ViT starts from: a file (.safetensors, .pth, .bin) or a
+    folder holding one (a `timm_image/` folder written by `scale export`, any timm `local-dir`
+    folder). Its architecture must match `size`, `patch`, `hidden`, `layers`, `heads` and
+    `mlp_ratio` (a timm VisionTransformer with a class token; a classifier head is dropped); its
+    weights train at `optimizer.pretrained_lr`. `None`: random initialisation."""
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     """Per-channel normalisation mean (timm / ImageNet default)."""
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -90,5 +97,14 @@ def pair_regions_and_boxes(parsed: dict[str, Any]) -> list[tuple[str, str, str]]
     return [(source.name, *problem) for source in (REGIONS, BOXES) if source.name in parsed]
 
 
+TIMM_FOLDER = "timm_image"
+"""The export's timm folder (`scale/towers.py` writes it): an exported `image.pretrained` names it."""
+
+
+def _resolve_timm_folder(config: Any, directory: Path) -> None:
+    if config.image.pretrained == TIMM_FOLDER:
+        config.image.pretrained = str(directory / TIMM_FOLDER)
+
+
 MODALITY = ModalitySpec(name="image", config=ImageConfig, fields=(IMAGE, REGIONS, BOXES), stems="scale.modalities.image.stems",
-                        limits=ImageLimits, check_members=pair_regions_and_boxes)  # fmt: skip
+                        limits=ImageLimits, check_members=pair_regions_and_boxes, resolve_assets=_resolve_timm_folder)  # fmt: skip

@@ -2,38 +2,126 @@
 what each reads and how is in the package docstring (`__init__.py`)."""
 from __future__ import annotations
 
+import pickle
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from timm.data import create_transform
+from timm.models import load_state_dict
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from scale.media import MediaError
 from scale.media.arrays import load_npy, pad_rows
 from scale.media.image import decode_image
-from scale.modalities.base import Encoded, Masked, Modality, TensorSpec, first_slots_real
-from scale.modalities.image import BOX_DIM, BOXES, IMAGE, REGIONS, ImageConfig
+from scale.modalities.base import BuildContext, Encoded, Masked, Modality, TensorSpec, first_slots_real
+from scale.modalities.image import BOX_DIM, BOXES, IMAGE, REGIONS, TIMM_FOLDER, ImageConfig
 from scale.modalities.masking import MaskedRegression, after_pooled_token, mask_slots
 from scale.modalities.spec import DecodeContext, RawSample
 from scale.modalities.transformer import MeanTokenTrunk
+
+TIMM_ARCHITECTURE = "vit_base_patch16_224"
+"""The timm registry name the `pixels` ViT is recreated under (`timm_image/config.json`): every
+size of that entry is replaced by `vit_arguments`, so the name only picks timm's plain
+VisionTransformer class and its checkpoint filter."""
+
+CLASSIFIER_PREFIXES = ("head.", "head_dist.")
+"""Keys of a timm checkpoint's classifier, dropped on load: the tower has no head (`num_classes=0`)."""
+
+CHECKPOINT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors")
+"""The weights file `image.pretrained` reads in a folder, first found first (timm's own preference)."""
+
+
+def vit_arguments(config: ImageConfig) -> dict[str, Any]:
+    """The VisionTransformer arguments of the `pixels` tower: what PixelStem builds and what the
+    export's `timm_image/config.json` records, so timm rebuilds the very same module."""
+    return {"img_size": config.size, "patch_size": config.patch, "embed_dim": config.hidden, "depth": config.layers,
+            "num_heads": config.heads, "mlp_ratio": config.mlp_ratio, "num_classes": 0, "global_pool": "token"}  # fmt: skip
+
+
+def timm_checkpoint_file(source: str | Path) -> Path:
+    """The weights file `image.pretrained` names: the file itself, or the one a folder holds."""
+    path = Path(source)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"image.pretrained {source!r}: no such file or folder")
+    found = [path / name for name in CHECKPOINT_FILES if (path / name).is_file()]
+    if not found:
+        raise FileNotFoundError(f"image.pretrained {source!r}: the folder holds none of {', '.join(CHECKPOINT_FILES)}; "
+                                "name the weights file itself")  # fmt: skip
+    return found[0]
+
+
+def load_timm_checkpoint(vit: nn.Module, source: str | Path) -> None:
+    """Load a timm ViT checkpoint into `vit`, strictly: the key set and every shape must match (bar
+    the classifier), or a one-line ValueError names the file and the first key that differs; a
+    pickle that would run code is refused (weights_only). A timm training checkpoint gives its EMA
+    weights when it has them, as timm's own `checkpoint_path` does."""
+    file = timm_checkpoint_file(source)
+    try:
+        weights = load_state_dict(str(file), use_ema=True, weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = next((line for line in str(error).splitlines() if "Unsupported global" in line), "not plain weights")
+        raise ValueError(f"image.pretrained {file}: refused to unpickle it ({reason.strip()})") from None
+    except (SafetensorError, RuntimeError, OSError, EOFError, ValueError, AttributeError) as error:  # truncated, not weights
+        raise ValueError(f"image.pretrained {file}: not a readable checkpoint ({str(error).splitlines()[0][:160]})") from None
+    weights = {key: value for key, value in weights.items() if not key.startswith(CLASSIFIER_PREFIXES)}
+    problem = next(_mismatches(vit.state_dict(), weights), None)
+    if problem is not None:
+        raise ValueError(f"image.pretrained {file}: {problem} (the image.size, patch, hidden, layers, heads and "
+                         "mlp_ratio fields must match the checkpoint's architecture)")  # fmt: skip
+    vit.load_state_dict(weights, strict=True)
+
+
+def _mismatches(expected: dict[str, Tensor], found: dict[str, Any]) -> Iterator[str]:
+    """What differs between the tower's state dict and a checkpoint's, in the tower's key order."""
+    for key, value in expected.items():
+        if key not in found:
+            yield f"no {key!r} in the checkpoint"
+        elif not isinstance(found[key], Tensor) or tuple(found[key].shape) != tuple(value.shape):
+            shape = tuple(found[key].shape) if isinstance(found[key], Tensor) else type(found[key]).__name__
+            yield f"{key} is {shape} in the checkpoint, {tuple(value.shape)} in this config"
+    for key in found:
+        if key not in expected:
+            yield f"the checkpoint holds {key!r}, which this config's ViT does not have"
+
 
 class PixelStem(Modality):
     modality = "image"
     stem = "pixels"
     reads = (IMAGE,)
 
-    def __init__(self, config: ImageConfig, width: int):
+    def __init__(self, config: ImageConfig, width: int, load_weights: bool = True):
         super().__init__()
         self.config = config
         if config.size % config.patch:
             raise ValueError(f"image.size {config.size} is not a multiple of image.patch {config.patch}")
-        self.vit = VisionTransformer(
-            img_size=config.size, patch_size=config.patch, embed_dim=config.hidden, depth=config.layers,
-            num_heads=config.heads, mlp_ratio=config.mlp_ratio, num_classes=0, global_pool="token",
-        )  # fmt: skip
+        self.vit = VisionTransformer(**vit_arguments(config))
+        if config.pretrained is not None and load_weights:  # else a checkpoint's weights follow
+            load_timm_checkpoint(self.vit, config.pretrained)
+        self.is_pretrained = config.pretrained is not None
         self.project = nn.Linear(config.hidden, width) if config.hidden != width else nn.Identity()
         self.grid = config.size // config.patch
         self.head = MaskedRegression(width, 3 * config.patch**2)
+
+    @classmethod
+    def build(cls, context: BuildContext) -> "PixelStem":
+        return cls(getattr(context.config, cls.modality), context.width, load_weights=context.load_weights)
+
+    def pretrained_parameters(self) -> Iterator[nn.Parameter]:
+        """The parameters loaded from `image.pretrained` (`optimizer.pretrained_lr` applies)."""
+        return self.vit.parameters()
+
+    def export_assets(self, out: Path, config: Any) -> None:
+        # The export's timm folder (written by scale/towers.py) stands in for the original
+        # checkpoint: the tower stays "pretrained" for the learning-rate rule of a finetuning run.
+        if self.config.pretrained is not None:
+            config.image.pretrained = TIMM_FOLDER
 
     @classmethod
     def tensors(cls, config: ImageConfig) -> dict[str, TensorSpec]:
@@ -88,6 +176,8 @@ class RegionStem(Modality):
     def __init__(self, config: ImageConfig, width: int):
         super().__init__()
         self.config = config
+        if config.pretrained is not None:
+            raise ValueError("image.pretrained is a timm ViT checkpoint: it needs image.stem pixels, not regions")
         self.region_embed = nn.Linear(config.region_dim, config.hidden)
         self.box_embed = nn.Linear(BOX_DIM, config.hidden)
         self.norm = nn.LayerNorm(config.hidden)
