@@ -1,6 +1,7 @@
 """Decoded samples -> a batch: per modality, its stem's tensors stacked, plus a (B,) `present` mask.
 
-    batch = {"key": [str], "instance": [str], "category": LongTensor (B,),
+    batch = {"key": [str], "label": [str | None], "category": LongTensor (B,) (-1: unlabeled),
+             "instance": [str | None],
              <modality>: {<each key its stem's `tensors` declares>: (B, *shape), "present": (B,) bool}, ...}
 
 The per-modality layout is declared once, by each stem (`scale/modalities/<name>.py`, `tensors`);
@@ -21,6 +22,7 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         raise ValueError("collate: empty batch")
     batch: dict[str, Any] = {
         "key": [s["key"] for s in samples],
+        "label": [s["label"] for s in samples],
         "instance": [s["instance"] for s in samples],
         "category": torch.tensor([s["category"] for s in samples], dtype=torch.long),
     }

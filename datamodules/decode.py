@@ -35,24 +35,26 @@ from datamodules.tar_reader import DROPPING_ERRORS, MEMBER_ERRORS
 from scale.media import MediaTooLarge, check_size
 from scale.modalities import REGISTRY, stem_class
 from scale.modalities.spec import DecodeContext, FileField, Missing, RawSample, RecordField
-from scale.shard_format import RECORD_MEMBER
+from scale.shard_format import RECORD_MEMBER, canonical_label
 
 
-def category_label(value: Any) -> int:
-    """The integer category of a record; -1 (unknown) for a missing or non-integer label. Not an
-    error: labels only serve evaluation, and a release may label by name."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit() and len(value) < 20:
-        return int(value)
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return -1
+def category_id(label: str | None, vocabulary: dict[str, int] | None) -> int:
+    """The class id of a canonical label (`scale.shard_format.canonical_label`): its index in the
+    shard set's label vocabulary; without one (shards converted before the vocabulary existed),
+    a number is its own id. -1: no label, or one the vocabulary does not hold."""
+    if label is None:
+        return -1
+    if vocabulary is not None:
+        return vocabulary.get(label, -1)
+    return int(label) if label.lstrip("-").isdigit() and int(label) >= 0 else -1
 
 
 class SampleDecoder:
     """Turns one raw shard sample (`{"__key__", "json", "jpg", "mp4", "regions.npy", ...}` of bytes)
-    into `{"key", "category", "instance", <modality>: {<tensors>, "present"}}`.
+    into `{"key", "label", "category", "instance", <modality>: {<tensors>, "present"}}`: `label` is
+    the product's category as the release names it (None when it has none), `category` its class
+    id in `labels` (the shard set's vocabulary, `scale.shard_format.read_labels`; -1 when unknown),
+    `instance` its product id (None when the record has none: fine retrieval needs them).
 
     Counts, per data worker (each worker holds its own copy), in `budget`: samples, errors per
     kind, bad samples (an unusable JSON record drops its sample and counts as "json") and
@@ -60,8 +62,10 @@ class SampleDecoder:
     `limits.max_error_rate` here (a decoder used on its own); training enforces the job's budget
     instead (`datamodules/error_budget.py`)."""
 
-    def __init__(self, config, limits: DataLimits | None = None, warn_every: int = 100, enforce_error_rate: bool = True):
+    def __init__(self, config, limits: DataLimits | None = None, warn_every: int = 100, enforce_error_rate: bool = True,
+                 labels: list[str] | None = None):
         self.config = config
+        self.vocabulary = None if labels is None else {label: index for index, label in enumerate(labels)}
         self.limits = limits or DataLimits()
         self.stems = {name: stem_class(config, name) for name in config.modalities}
         self.record_fields = [source for name in self.stems for source in REGISTRY[name].fields
@@ -118,8 +122,9 @@ class SampleDecoder:
             self.count_error(self._kind("json", error), key, error)  # counted as json, not in `dropped`
             return None
         raw = RawSample(key, record, sample, self.limits)
-        decoded: dict[str, Any] = {"key": key, "category": category_label(record.get("category")),
-                                   "instance": str(record.get("instance", key))}  # fmt: skip
+        label, instance = canonical_label(record.get("category")), record.get("instance")
+        decoded: dict[str, Any] = {"key": key, "label": label, "category": category_id(label, self.vocabulary),
+                                   "instance": None if instance in (None, "") else str(instance)}  # fmt: skip
         any_present = False
         for name, stem in self.stems.items():
             config, value = getattr(self.config, name), None

@@ -32,7 +32,7 @@ from datamodules.limits import DataLimits
 from datamodules.streams import ExactEpochStream, ResampledStream, plan_epoch, shard_sizes
 from scale.bounds import AT_LEAST_0, AT_LEAST_1, check_value
 from scale.config import ModelConfig
-from scale.shard_format import list_shards
+from scale.shard_format import list_shards, read_labels
 
 MODES = ("resampled", "exact")
 
@@ -121,6 +121,10 @@ class M5ProductDataModule(L.LightningDataModule):
             raise ValueError("data.val_shards is not set: give the held-out shard folder to validate on")
         if self.val_shards is not None:
             self.val_urls, self.val_sizes = _first_samples(self.val_shards, self.val_max_samples)
+        # One vocabulary for both: class ids of held-out products must mean what training's mean.
+        self.labels = read_labels(self.train_shards) if self.train_shards is not None else None
+        if self.labels is None and self.val_shards is not None:
+            self.labels = read_labels(self.val_shards)
 
     def _distributed(self) -> tuple[int, int]:
         trainer = self._trainer_or_none()
@@ -192,7 +196,7 @@ class M5ProductDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         rank, world = self._distributed()
         # The job's error budget (DataErrorStop) enforces the rate, over every worker and rank.
-        decoder = SampleDecoder(self.model_config, self.limits, enforce_error_rate=False)
+        decoder = SampleDecoder(self.model_config, self.limits, enforce_error_rate=False, labels=self.labels)
         common = dict(decoder=decoder, batch_size=self.batch_size, shuffle_buffer=self.shuffle_buffer,
                       seed=self.seed, rank=rank, world=world)  # fmt: skip
         if self.mode == "exact":
@@ -215,7 +219,7 @@ class M5ProductDataModule(L.LightningDataModule):
         if self.val_shards is None:
             return []  # Lightning then skips validation
         rank, world = self._distributed()
-        decoder = SampleDecoder(self.model_config, self.limits, enforce_error_rate=False)
+        decoder = SampleDecoder(self.model_config, self.limits, enforce_error_rate=False, labels=self.labels)
         stream = ExactEpochStream(self.val_urls, self.val_sizes, decoder, self.val_batch_size, seed=self.seed,
                                   rank=rank, world=world, shuffle_shards=False)  # fmt: skip
         # Persistent workers: the held-out stream is the same at every validation, so the workers
@@ -246,9 +250,11 @@ def _first_samples(shards: str, limit: int | None) -> tuple[list[str], list[int]
 
 
 def eval_dataloader(
-    shards: str, model_config: ModelConfig, batch_size: int = 64, num_workers: int = 0
+    shards: str, model_config: ModelConfig, batch_size: int = 64, num_workers: int = 0, labels: list[str] | None = None
 ) -> DataLoader:
-    """Every sample of `shards` exactly once, shards in order, no shuffling (one process)."""
+    """Every sample of `shards` exactly once, shards in order, no shuffling (one process). Class ids
+    follow `labels` (another set's vocabulary, e.g. the training set's), by default the set's own."""
     urls = list_shards(shards)
-    stream = ExactEpochStream(urls, shard_sizes(urls), SampleDecoder(model_config), batch_size, shuffle_shards=False)
-    return DataLoader(stream, batch_size=None, num_workers=num_workers)
+    decoder = SampleDecoder(model_config, labels=read_labels(shards) if labels is None else labels)
+    stream = ExactEpochStream(urls, shard_sizes(urls), decoder, batch_size, shuffle_shards=False)
+    return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available())

@@ -12,6 +12,8 @@ official JSON + per-modality folders). Output, in OUT (the shard format: `scale/
                            copied byte for byte (a FLAC may be audio taken from the video's sound
                            track; see `datamodules/validate.py`)
     sizes.json             {"shard-000000.tar": n_samples, ...} in shard order
+    labels.json            the label vocabulary of the products written: names and numbers, in
+                           `label_order`, with counts and the number of products without a label
     report.json            totals, products/s, counts of skipped products / dropped files per reason
     skipped.jsonl          one line per skipped product, dropped or cut field: id, modality, field,
                            reason, detail, action
@@ -70,7 +72,8 @@ from typing import Any, Callable
 from datamodules.limits import DataLimits
 from datamodules.sources import DEFAULT_DIRS, FIELD_TABLE, LAYOUTS, BadRecord, iter_products, open_source, shard_extension
 from datamodules.validate import check_product, size_limit
-from scale.shard_format import IN_PROGRESS, RECORD_MEMBER, SIZES_FILE, brace_pattern, sample_key, shard_name
+from scale.shard_format import (IN_PROGRESS, LABELS_FILE, LABELS_FORMAT, RECORD_MEMBER, SIZES_FILE, brace_pattern,
+                                canonical_label, label_order, sample_key, shard_name)
 
 MiB = 2**20
 DEFAULT_MAX_COUNT = 5000
@@ -78,7 +81,8 @@ DEFAULT_MAX_BYTES = 512 * MiB
 REPORT_FILE = "report.json"
 SKIPPED_FILE = "skipped.jsonl"
 PROGRESS = IN_PROGRESS
-PLAN_VERSION = 1
+PLAN_VERSION = 2
+"""2: shard records count the labels of their products (labels.json)."""
 KILL_ENV = "SCALE_SHARDS_TEST_KILL_AFTER"
 """Tests only: SIGKILL the conversion's process group once this many shard records exist (a real crash)."""
 
@@ -212,7 +216,7 @@ def _fingerprint_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 def _clear(out: Path) -> None:
     """Remove a previous conversion's outputs (only with `overwrite`)."""
-    for pattern in ("shard-*.tar", "shard-*.tar.tmp", SIZES_FILE, REPORT_FILE, SKIPPED_FILE):
+    for pattern in ("shard-*.tar", "shard-*.tar.tmp", SIZES_FILE, LABELS_FILE, REPORT_FILE, SKIPPED_FILE):
         for path in out.glob(pattern):
             path.unlink()
     shutil.rmtree(out / PROGRESS / "plan", ignore_errors=True)
@@ -220,7 +224,7 @@ def _clear(out: Path) -> None:
         path.unlink()
 
 
-OURS = re.compile(r"shard-\d+\.tar(\.tmp)?|" + "|".join(map(re.escape, (SIZES_FILE, REPORT_FILE, SKIPPED_FILE, PROGRESS))))
+OURS = re.compile(r"shard-\d+\.tar(\.tmp)?|" + "|".join(map(re.escape, (SIZES_FILE, LABELS_FILE, REPORT_FILE, SKIPPED_FILE, PROGRESS))))
 """What a conversion writes into OUT."""
 
 
@@ -282,7 +286,7 @@ def _write_shard(job: dict) -> dict:
     start = time.perf_counter()
     out, name, limits = Path(job["out"]), job["name"], DataLimits(**job["limits"])
     progress = out / PROGRESS
-    tmp, items, count = out / (name + ".tmp"), [], 0
+    tmp, items, count, labels = out / (name + ".tmp"), [], 0, Counter()
     kill_after = os.environ.get(KILL_ENV)
     with open(tmp, "wb") as f:
         with tarfile.open(fileobj=f, mode="w") as tar:
@@ -298,6 +302,7 @@ def _write_shard(job: dict) -> dict:
                         info.size, info.mtime, info.mode = len(data), 0, 0o444  # fixed metadata: reproducible
                         tar.addfile(info, io.BytesIO(data))
                     count += 1
+                    labels[canonical_label(entry["meta"].get("category"))] += 1
                     if kill_after and len(list(progress.glob("shard-*.json"))) >= int(kill_after):
                         f.flush()
                         os.killpg(os.getpgrp(), signal.SIGKILL)
@@ -305,8 +310,9 @@ def _write_shard(job: dict) -> dict:
         os.fsync(f.fileno())
     size = tmp.stat().st_size
     os.replace(tmp, out / name)
+    unlabeled = labels.pop(None, 0)
     record = {"shard": name, "count": count, "bytes": size, "seconds": round(time.perf_counter() - start, 3),
-              "items": items}
+              "items": items, "labels": dict(labels), "unlabeled": unlabeled}
     _atomic_write(_record_path(out, name), json.dumps(record).encode())
     return record
 
@@ -408,6 +414,11 @@ def _finish(out: Path, source, plan: dict, written: list[dict], seconds: float, 
     for item in items:
         counts.setdefault(item["action"], Counter())[f"{item['modality']}/{item['reason']}"] += 1
     new = sum(r["count"] for r in written)
+    labels = Counter()
+    for record in records:
+        labels.update(record["labels"])
+    vocabulary = sorted(labels, key=label_order)
+    unlabeled = sum(r["unlabeled"] for r in records)
     pattern = brace_pattern(named, len(sizes))
     summary = {
         "samples": sum(sizes.values()), "shards": len(sizes), "pattern": pattern,
@@ -418,6 +429,7 @@ def _finish(out: Path, source, plan: dict, written: list[dict], seconds: float, 
         "cut": dict(counts.get("cut", {})), "kept_with_warning": dict(counts.get("kept", {})),
         "derived": dict(counts.get("added", {})),
         "missing_media": plan["missing_media"],
+        "labels": len(vocabulary), "unlabeled": unlabeled,
         "oversized_shards": [s["name"] for s in plan["shards"] if s["oversized"]],
         "empty_shards": [n for n, c in sizes.items() if c == 0],
         "this_run": {"shards_written": len(written), "samples_written": new, "seconds": round(seconds, 2),
@@ -426,6 +438,9 @@ def _finish(out: Path, source, plan: dict, written: list[dict], seconds: float, 
         "report": str(named / REPORT_FILE), "items": str(named / SKIPPED_FILE),
     }
     _atomic_write(out / SKIPPED_FILE, "".join(json.dumps(i) + "\n" for i in items if i["action"] != "added").encode())
+    _atomic_write(out / LABELS_FILE, json.dumps({"format": LABELS_FORMAT, "labels": vocabulary,
+                                                 "counts": [labels[x] for x in vocabulary], "unlabeled": unlabeled},
+                                                indent=1, ensure_ascii=False).encode())  # fmt: skip
     _atomic_write(out / SIZES_FILE, json.dumps(sizes, indent=1).encode())
     _atomic_write(out / REPORT_FILE, json.dumps(summary, indent=1).encode())
     return summary
@@ -473,4 +488,6 @@ def run(args: argparse.Namespace) -> None:
     print(f"wrote {s['samples']} samples in {s['shards']} shards ({s['bytes'] / MiB:.1f} MiB, {s['seconds']} s, "
           f"{s['this_run']['products_per_s']} products/s this run); skipped {s['skipped_products']} products, "
           f"dropped {dropped} files (details: {s['items']}; totals: {s['report']})")
+    unlabeled = f", {s['unlabeled']} products without one" if s["unlabeled"] else ""
+    print(f"labels: {s['labels']} categories{unlabeled} ({Path(s['report']).parent / LABELS_FILE})")
     print(s["pattern"])

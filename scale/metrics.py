@@ -9,7 +9,7 @@ plain Python numbers, so results can be logged or JSON-dumped directly.
 * :func:`linear_probe_accuracy` -- a standardised multinomial logistic regression trained on a
   train split of the frozen embeddings, optionally split by group (product instance) to stop
   listings of one product leaking between train and test.
-* :func:`clustering_metrics` -- k-means on L2-normalised embeddings scored by NMI and purity.
+* :func:`clustering_metrics` -- k-means on L2-normalised embeddings scored by NMI, purity and ARI.
 
 Mean average precision at K
 ---------------------------
@@ -45,6 +45,10 @@ __all__ = ["ap_at_k", "clustering_metrics", "linear_probe_accuracy", "retrieval_
 RETRIEVAL_MEMORY_BUDGET_BYTES = 256 * 2**20
 """Working-memory budget for one chunk of queries in :func:`retrieval_metrics` (the ``(chunk, N)``
 similarity / sort-key matrices). N=20,000 gives chunks of ~560 queries, far below 1 GB."""
+
+GALLERY_BLOCK = 65_536
+"""Gallery items scored at once per query chunk (default): a 1M-product gallery is 16 blocks, and
+the query chunk stays ~170 queries under the memory budget instead of ~10."""
 
 # Bytes per (query, gallery) cell held at once: float32 similarity, its int32 bit pattern, the
 # int64 sort key and topk's temporaries -- generous so the budget is an upper bound.
@@ -109,14 +113,15 @@ def ap_at_k(relevance: Any, num_positives: Any, k: int, official_ap: bool = Fals
     return ap.cpu().numpy()
 
 
-def _ordered_int_keys(sims: torch.Tensor) -> torch.Tensor:
+def _ordered_int_keys(sims: torch.Tensor, offset: int = 0) -> torch.Tensor:
     """Map float32 similarities to int64 keys that sort like (similarity desc, index asc).
 
     ``torch.topk`` makes no promise about which of several equal values it returns, so ties (e.g.
     duplicate listings with identical embeddings) would make the metric depend on the backend. The
     float's bit pattern is turned into an order-preserving int32, shifted into the high bits, and
     ``2**31 - 1 - index`` is put in the low bits: equal similarities then rank the lower index first
-    and every key is distinct, so topk is exact and deterministic.
+    and every key is distinct, so topk is exact and deterministic. `offset`: the gallery index of
+    column 0 (a block of the gallery), so keys of different blocks compare as one ranking.
     """
     bits = sims.contiguous().view(torch.int32)
     # Negative floats sort in reverse order of their (sign-magnitude) bit patterns; flipping the
@@ -124,7 +129,8 @@ def _ordered_int_keys(sims: torch.Tensor) -> torch.Tensor:
     bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)
     keys = bits.to(torch.int64)
     # In place: this runs on the largest tensor of the loop, extra temporaries cost time and memory.
-    keys.mul_(2**31).add_(2**31 - 1 - torch.arange(sims.shape[1], device=sims.device, dtype=torch.int64))
+    columns = torch.arange(offset, offset + sims.shape[1], device=sims.device, dtype=torch.int64)
+    keys.mul_(2**31).add_(2**31 - 1 - columns)
     return keys
 
 
@@ -134,7 +140,10 @@ def retrieval_metrics(
     ks: Sequence[int] = (1, 5, 10),
     official_ap: bool = False,
     *,
+    gallery: Any = None,
     chunk_size: int | None = None,
+    gallery_chunk: int | None = None,
+    max_queries: int | None = None,
 ) -> dict[str, float]:
     """Leave-one-out retrieval mAP@K and Precision@K.
 
@@ -143,26 +152,44 @@ def retrieval_metrics(
     index. A result is relevant when it has the query's label. Queries whose label occurs nowhere
     else have no positive and are skipped; ``"queries"`` reports how many were used.
 
+    ``gallery`` gives the gallery side its own embedding of the same ``N`` items (e.g. queries
+    embedded from title + image, the gallery from all five modalities): item ``i`` is still left
+    out of query ``i``'s results.
+
     AP definitions (see the module docstring):
 
     * ``official_ap=False`` (standard): ``AP@K = sum_{k<=K} P@k * rel(k) / min(K, #positives)``.
     * ``official_ap=True`` (official M5Product evaluation): same sum divided by the number of hits
       in the top K (0 if none). Inflates AP; use only to compare with published numbers.
 
+    Memory: the ``(N, N)`` similarity matrix is never formed. Queries go in chunks of
+    ``chunk_size`` and, within a chunk, the gallery in blocks of ``gallery_chunk``; each block's
+    top K is merged into the running top K (exact: keys are distinct, see `_ordered_int_keys`).
+    The working set is ``chunk_size x gallery_chunk`` cells (defaults keep it under
+    :data:`RETRIEVAL_MEMORY_BUDGET_BYTES`), besides the embeddings themselves.
+
     Args:
-        embeddings: ``(N, D)`` array/tensor. Computation runs on its device (CPU for numpy).
+        embeddings: ``(N, D)`` query embeddings. Computation runs on their device (CPU for numpy).
         labels: ``N`` labels, ints or strings.
         ks: cut-offs; each must satisfy ``1 <= K <= N - 1``.
         official_ap: choose the AP definition.
-        chunk_size: queries per chunk; default keeps each chunk's ``(chunk, N)`` working set under
-            :data:`RETRIEVAL_MEMORY_BUDGET_BYTES`. Results do not depend on it.
+        gallery: ``(N, D')`` gallery embeddings of the same items; default: ``embeddings``.
+        chunk_size: queries per chunk. Results do not depend on it.
+        gallery_chunk: gallery items per block. Results do not depend on it.
+        max_queries: score only the first this many queries that have a positive (a large
+            gallery's benchmark); default: all.
 
     Returns:
         ``{"map@K": ..., "prec@K": ... for each K, "queries": number of queries used}``; map/prec
         are fractions in [0, 1] averaged over the used queries (0.0 if no query has a positive).
     """
     x = _as_float_tensor(embeddings)
+    g = x if gallery is None else _as_float_tensor(gallery).to(x.device)
     n = x.shape[0]
+    if g.shape[0] != n:
+        raise ValueError(f"gallery has {g.shape[0]} items, the queries {n}: both embed the same items")
+    if g.shape[1] != x.shape[1]:
+        raise ValueError(f"gallery embeddings are {g.shape[1]}-d, queries {x.shape[1]}-d")
     ids_np, _ = _encode_labels(labels, n)
     ks = sorted({int(k) for k in ks})
     if not ks:
@@ -172,31 +199,30 @@ def retrieval_metrics(
     kmax = ks[-1]
 
     x = F.normalize(x, dim=1)  # zero vectors stay zero (similarity 0 to everything)
+    g = x if gallery is None else F.normalize(g, dim=1)
     ids = torch.as_tensor(ids_np, device=x.device)
     counts = torch.bincount(ids)
     num_pos = counts[ids] - 1  # positives of each query, excluding the query itself
 
+    gallery_chunk = min(n, GALLERY_BLOCK) if gallery_chunk is None else gallery_chunk
     if chunk_size is None:
-        chunk_size = max(1, RETRIEVAL_MEMORY_BUDGET_BYTES // (n * _BYTES_PER_CELL))
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        chunk_size = max(1, RETRIEVAL_MEMORY_BUDGET_BYTES // (min(gallery_chunk, n) * _BYTES_PER_CELL))
+    if chunk_size < 1 or gallery_chunk < 1:
+        raise ValueError(f"chunk_size and gallery_chunk must be >= 1, got {chunk_size}, {gallery_chunk}")
+    budget = n if max_queries is None else int(max_queries)
 
     ap_sums = {k: 0.0 for k in ks}
     prec_sums = {k: 0.0 for k in ks}
     used = 0
-    key_floor = torch.iinfo(torch.int64).min
     for start in range(0, n, chunk_size):
+        if used >= budget:
+            break
         stop = min(start + chunk_size, n)
-        valid = num_pos[start:stop] > 0
-        if not bool(valid.any()):
+        # Only queries with a positive are scored: skip the rest before any matmul.
+        q_idx = torch.arange(start, stop, device=x.device)[num_pos[start:stop] > 0][: budget - used]
+        if len(q_idx) == 0:
             continue
-        # Only queries with a positive are scored: skip the rest before the (chunk, N) matmul.
-        q_idx = torch.arange(start, stop, device=x.device)[valid]
-        keys = _ordered_int_keys(x[q_idx] @ x.T)
-        # Self-exclusion: the smallest possible key ranks the query last, and K <= N-1 keeps it
-        # out of every top-K.
-        keys[torch.arange(len(q_idx), device=x.device), q_idx] = key_floor
-        top = keys.topk(kmax, dim=1, largest=True, sorted=True).indices
+        top = _top_k(x[q_idx], g, q_idx, kmax, gallery_chunk)
         rel = ids[top] == ids[q_idx].unsqueeze(1)
         npos = num_pos[q_idx]
         for k in ks:
@@ -210,6 +236,28 @@ def retrieval_metrics(
         out[f"prec@{k}"] = prec_sums[k] / used if used else 0.0
     out["queries"] = used
     return out
+
+
+def _top_k(queries: torch.Tensor, gallery: torch.Tensor, query_index: torch.Tensor, k: int, block: int) -> torch.Tensor:
+    """Indices of the k most similar gallery items of each query, best first, the query's own item
+    excluded, gallery scanned in blocks of `block` (the running top k merged with each block's)."""
+    key_floor = torch.iinfo(torch.int64).min
+    rows = torch.arange(len(query_index), device=queries.device)
+    best_keys = best_index = None
+    for start in range(0, gallery.shape[0], block):
+        keys = _ordered_int_keys(queries @ gallery[start : start + block].T, offset=start)
+        # Self-exclusion: the smallest possible key ranks the query's own item last, and
+        # K <= N-1 keeps it out of every top K.
+        own = (query_index >= start) & (query_index < start + keys.shape[1])
+        keys[rows[own], query_index[own] - start] = key_floor
+        keys, index = keys.topk(min(k, keys.shape[1]), dim=1, largest=True, sorted=True)
+        index = index + start
+        if best_keys is not None:
+            merged = torch.cat([best_keys, keys], dim=1)
+            keys, order = merged.topk(min(k, merged.shape[1]), dim=1, largest=True, sorted=True)
+            index = torch.cat([best_index, index], dim=1).gather(1, order)
+        best_keys, best_index = keys, index
+    return best_index
 
 
 def linear_probe_accuracy(
@@ -232,13 +280,18 @@ def linear_probe_accuracy(
 
     Test samples whose class never appears in train cannot be predicted and count as errors.
 
+    Macro-F1 is scikit-learn's ``f1_score(average="macro")`` over the classes of the test split
+    and of the predictions (a class absent from both does not dilute it; one only in test scores 0).
+
     Returns:
-        ``{"accuracy": float in [0, 1], "train_size": int, "test_size": int}`` (sizes in samples).
+        ``{"accuracy": float in [0, 1], "macro_f1": float in [0, 1], "train_size": int,
+        "test_size": int}`` (sizes in samples).
 
     Raises:
         ValueError: fewer than 2 classes in the train split (logistic regression is undefined).
     """
     from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import f1_score
     from sklearn.model_selection import GroupShuffleSplit, ShuffleSplit
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -268,8 +321,10 @@ def linear_probe_accuracy(
     probe = make_pipeline(StandardScaler(), LogisticRegression(solver="lbfgs", max_iter=1000, random_state=seed))
     probe.fit(x[train_idx], y[train_idx])
     # The probe only ever predicts train classes, so test-only classes are automatically errors.
-    accuracy = float(np.mean(probe.predict(x[test_idx]) == y[test_idx])) if len(test_idx) else 0.0
-    return {"accuracy": accuracy, "train_size": int(len(train_idx)), "test_size": int(len(test_idx))}
+    predicted = probe.predict(x[test_idx]) if len(test_idx) else np.zeros(0, dtype=np.int64)
+    accuracy = float(np.mean(predicted == y[test_idx])) if len(test_idx) else 0.0
+    macro_f1 = float(f1_score(y[test_idx], predicted, average="macro", zero_division=0)) if len(test_idx) else 0.0
+    return {"accuracy": accuracy, "macro_f1": macro_f1, "train_size": int(len(train_idx)), "test_size": int(len(test_idx))}
 
 
 def clustering_metrics(
@@ -285,11 +340,12 @@ def clustering_metrics(
 
     Returns:
         ``{"nmi": normalized_mutual_info_score (arithmetic mean normalisation), "purity": fraction
-        of samples whose cluster's majority label equals their own}``, both in [0, 1]. Purity grows
-        trivially with ``n_clusters``; NMI is the number to compare across settings.
+        of samples whose cluster's majority label equals their own, "ari": adjusted_rand_score}``;
+        NMI and purity in [0, 1], ARI in [-0.5, 1] (0 = chance). Purity grows trivially with
+        ``n_clusters``; NMI and ARI are the numbers to compare across settings.
     """
     from sklearn.cluster import KMeans
-    from sklearn.metrics import normalized_mutual_info_score
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
     from sklearn.metrics.cluster import contingency_matrix
 
     x = F.normalize(_as_float_tensor(embeddings), dim=1).cpu().numpy()
@@ -304,4 +360,5 @@ def clustering_metrics(
     return {
         "nmi": float(normalized_mutual_info_score(y, pred)),
         "purity": float(contingency.max(axis=0).sum() / n),
+        "ari": float(adjusted_rand_score(y, pred)),
     }

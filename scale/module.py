@@ -20,7 +20,7 @@ VALIDATION_SEED = 20_240_601
 """The masks of every validation run are drawn from this seed (then training's generators are restored)."""
 
 
-def validation_retrieval(embeddings: torch.Tensor, categories: torch.Tensor, instances: list[str],
+def validation_retrieval(embeddings: torch.Tensor, categories: torch.Tensor, instances: list[str | None],
                          k: int = 10) -> dict[str, float]:  # fmt: skip
     """The in-loop retrieval metrics over the gathered held-out set, as `scale.metrics` computes them:
     `val/coarse_map@k` (relevant = same category; unlabelled samples, category -1, are left out, or
@@ -28,8 +28,10 @@ def validation_retrieval(embeddings: torch.Tensor, categories: torch.Tensor, ins
     left out when fewer than k + 1 samples carry its label or no query has a positive (fine
     retrieval over products that are all distinct)."""
     labelled = categories >= 0
+    with_instance = torch.tensor([i is not None for i in instances], dtype=torch.bool)
     out = {}
-    for kind, x, labels in (("coarse", embeddings[labelled], categories[labelled]), ("fine", embeddings, instances)):
+    for kind, x, labels in (("coarse", embeddings[labelled], categories[labelled]),
+                            ("fine", embeddings[with_instance], [i for i in instances if i is not None])):  # fmt: skip
         if len(labels) > k:
             result = retrieval_metrics(x, labels, ks=(k,))
             if result["queries"] > 0:

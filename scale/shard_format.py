@@ -4,9 +4,13 @@ that reads it (neither imports the other; both import this).
     OUT/shard-000000.tar ...   webdataset tars: members `<key>.<member>` (`json` and the modalities'
                                members, see each modality's file fields), grouped by key
     OUT/sizes.json             {"shard-000000.tar": 5000, ...}: samples per shard, in shard order
+    OUT/labels.json            the label vocabulary: {"format", "labels": [name, ...] (index = class id),
+                               "counts": [products per label], "unlabeled": products without a label}
 
 A sample's `json` record holds the product's fields (title, table, category, ...). The table is
-M5Product's property-value string `key#:#value#;#key#:#value...`.
+M5Product's property-value string `key#:#value#;#key#:#value...`. The category is kept as the
+release gives it (a number, a digit string or a name); the loader turns it into a class id through
+the label vocabulary, so names and numbers both keep their category (`canonical_label`).
 """
 
 from __future__ import annotations
@@ -27,6 +31,10 @@ RECORD_MEMBER = "json"
 """Every sample's record member: the product's JSON fields."""
 TABLE_PAIR_SEPARATOR = "#;#"
 TABLE_KEY_VALUE_SEPARATOR = "#:#"
+
+LABELS_FILE = "labels.json"
+"""The label vocabulary beside the shards (written by the converter with `sizes.json`)."""
+LABELS_FORMAT = "scale-labels/1"
 
 MEMBER_NAME = re.compile(r"^((?:.*/|)[^./]+)\.([^/]+)$")
 """`<key>.<member>`: webdataset splits a tar member's name at the first dot of its base name."""
@@ -92,3 +100,55 @@ def parse_table(table: str) -> list[tuple[str, str]]:
 def format_table(pairs) -> str:
     """[(key, value)] -> M5Product's table string."""
     return TABLE_PAIR_SEPARATOR.join(f"{key}{TABLE_KEY_VALUE_SEPARATOR}{value}" for key, value in pairs)
+
+
+def canonical_label(value: object) -> str | None:
+    """A record's category as the vocabulary's key, None when the product has none.
+
+    Numbers and digit strings are one label (`3`, `"3"`, `" 03 "` and `3.0` are all `"3"`): the
+    official release stores category numbers, as ints or strings. Any other non-empty string is a
+    name, kept as written (stripped). Booleans, lists, objects, empty strings and null are no label.
+    """
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else (repr(value) if value == value else None)
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return None
+        digits = text.lstrip("-")
+        return str(int(text)) if digits.isdigit() and len(digits) < 20 else text
+    return None
+
+
+def label_order(label: str) -> tuple[int, int, str]:
+    """Numbers first, in numeric order, then names alphabetically: the vocabulary's order."""
+    digits = label.lstrip("-")
+    return (0, int(label), "") if digits.isdigit() and len(digits) < 20 else (1, 0, label)
+
+
+def labels_path(spec: str) -> Path | None:
+    """The `labels.json` that goes with a shard folder, pattern or glob (beside its shards)."""
+    path = Path(spec)
+    folder = path if path.is_dir() else Path(spec.split("{")[0]).parent if "{" in spec else path.parent
+    candidate = folder / LABELS_FILE
+    return candidate if candidate.is_file() else None
+
+
+def read_labels(spec: str) -> list[str] | None:
+    """The label vocabulary of a shard set (class id -> label), None when it has no `labels.json`
+    (a conversion by an older version, or hand-made tars: integer labels are then used as they are)."""
+    path = labels_path(spec)
+    if path is None:
+        return None
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: not a readable label vocabulary ({error})") from None
+    labels = meta.get("labels") if isinstance(meta, dict) else None
+    if meta.get("format") != LABELS_FORMAT or not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+        raise ValueError(f"{path}: field 'labels' must be a list of strings (format {LABELS_FORMAT!r})")
+    return labels

@@ -56,3 +56,18 @@ def test_data_benchmark_quick_run(tmp_path):
     gpu = results["gpu"]
     assert gpu["forward_gflops_per_sample"] > 1 and gpu["gpu_samples_per_s"] > 0
     assert all(math.isfinite(c) and c > 0 for c in gpu["cores_per_gpu"].values())
+
+
+def test_retrieval_benchmark_small_gallery():
+    """`bench/retrieval.py` on a 20,000-product gallery: it runs, and its working memory stays near
+    the budget, far below the N x N matrix (1.5 GiB here)."""
+    import re
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "retrieval.py"), "--gallery", "20000", "--queries", "300"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    extra = float(re.search(r"memory beyond the embeddings: ([\d.]+) GiB", run.stdout)[1])
+    assert extra < 0.6, run.stdout
+    assert "300 queries" in run.stdout and re.search(r"mAP@1/5/10 0\.\d+", run.stdout)

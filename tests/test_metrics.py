@@ -20,10 +20,13 @@ from scale.metrics import (
 # --------------------------------------------------------------------------- reference
 
 
-def reference_retrieval(emb: np.ndarray, labels: np.ndarray, ks, official_ap: bool) -> dict:
-    """Brute-force, one query at a time, straight from the AP definitions."""
+def reference_retrieval(emb: np.ndarray, labels: np.ndarray, ks, official_ap: bool, gallery=None) -> dict:
+    """Brute-force, one query at a time, straight from the AP definitions (`gallery`: the gallery
+    side's embeddings of the same items)."""
     x = np.asarray(emb, dtype=np.float64)
     x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    g = x if gallery is None else np.asarray(gallery, dtype=np.float64)
+    g = g / np.linalg.norm(g, axis=1, keepdims=True)
     labels = np.asarray(labels)
     n = len(x)
     aps = {k: [] for k in ks}
@@ -33,7 +36,7 @@ def reference_retrieval(emb: np.ndarray, labels: np.ndarray, ks, official_ap: bo
         npos = int(np.sum(labels[others] == labels[q]))
         if npos == 0:
             continue
-        sims = x[others] @ x[q]
+        sims = g[others] @ x[q]
         order = others[np.argsort(-sims, kind="stable")]  # ties: lower index first
         rel = (labels[order] == labels[q]).astype(float)
         for k in ks:
@@ -193,6 +196,26 @@ def test_chunked_equals_unchunked(official):
     for chunk in (1, 13, 64, 299):
         assert_same(retrieval_metrics(emb, labels, ks=(1, 5, 10), official_ap=official, chunk_size=chunk), full, 1e-12)
     assert_same(retrieval_metrics(emb, labels, ks=(1, 5, 10), official_ap=official), full, 1e-12)
+
+
+@pytest.mark.parametrize("official", [False, True])
+def test_gallery_blocks_and_a_separate_gallery_match_brute_force(official):
+    rng = np.random.default_rng(5)
+    n = 120
+    labels = rng.integers(0, 9, size=n)
+    centers = rng.normal(size=(9, 8))
+    queries = (centers[labels] * 0.6 + rng.normal(size=(n, 8))).astype(np.float32)
+    gallery = (centers[labels] * 0.6 + rng.normal(size=(n, 8))).astype(np.float32)
+    gallery[30] = gallery[31]  # a tie across a block boundary (blocks of 31: items 0-30, 31-61, ...)
+    ks = [1, 5, 10]
+    ref = reference_retrieval(queries, labels, ks, official, gallery=gallery)
+    for chunk, block in ((n, n), (7, 31), (1, 1), (50, 11)):
+        got = retrieval_metrics(queries, labels, ks, official, gallery=gallery, chunk_size=chunk, gallery_chunk=block)
+        assert_same(got, ref, tol=1e-9)
+    same = retrieval_metrics(queries, labels, ks, official, gallery_chunk=17)
+    assert_same(same, reference_retrieval(queries, labels, ks, official), tol=1e-9)
+    first = retrieval_metrics(queries, labels, ks, official, gallery=gallery, max_queries=40)
+    assert first["queries"] == 40
 
 
 def test_default_chunk_fits_memory_budget_for_20k():

@@ -193,7 +193,8 @@ def test_a_plugin_modality_runs_from_products_to_evaluation(tmp_path):
     ok(scale("export", "--ckpt", str(tmp_path / "run" / "checkpoints" / "last.ckpt"), "--out", str(tmp_path / "export")))
     ok(scale("evaluate", "--model", str(tmp_path / "export"), "--data", str(tmp_path / "eval"), "--out", str(tmp_path / "m.json")))
     metrics = json.loads((tmp_path / "m.json").read_text())["trained"]
-    assert metrics["samples"] == 24 and set(metrics["per_modality_coarse_map@10"]) == {"text", "table", "image", "price"}
+    assert metrics["products"] == 24 and set(metrics["embeddings"]) == {"fused", "contrastive", "text", "table", "image", "price"}
+    assert all(0 <= scores["coarse"]["map@10"] <= 1 for scores in metrics["embeddings"].values())
 
     # Without the plugin, the export names what is missing in one line.
     plain = {k: v for k, v in os.environ.items() if k != "SCALE_PLUGINS"}

@@ -89,6 +89,6 @@ def test_training_beats_random_initialisation_on_coarse_retrieval(tmp_path):
     trained = load_checkpoint_model(checkpoint)
     torch.manual_seed(0)
     random_init = SCALE(trained.config, load_weights=False)
-    trained_map = evaluate(trained, str(shards["eval"]))["coarse"]["map@10"]
-    random_map = evaluate(random_init, str(shards["eval"]))["coarse"]["map@10"]
+    trained_map = evaluate(trained, str(shards["eval"]))[0]["embeddings"]["contrastive"]["coarse"]["map@10"]
+    random_map = evaluate(random_init, str(shards["eval"]))[0]["embeddings"]["contrastive"]["coarse"]["map@10"]
     assert trained_map > random_map + 0.1, (trained_map, random_map)

@@ -136,8 +136,8 @@ def test_scale_validate_matches_scale_evaluate_and_is_the_same_on_two_ddp_proces
     extracted = compute_embeddings(load_checkpoint_model(checkpoint), str(demo_shards["eval"]), batch_size=7)
 
     def expected(kind: str, samples: int) -> float:
-        labels = extracted["category" if kind == "coarse" else "instance"][:samples]
-        return metrics.retrieval_metrics(extracted["contrastive"][:samples], labels, ks=(10,))["map@10"]
+        labels = extracted["label" if kind == "coarse" else "instance"][:samples].astype(str)
+        return metrics.retrieval_metrics(extracted["query/contrastive"][:samples], labels, ks=(10,))["map@10"]
 
     for kind in ("coarse", "fine"):
         assert one[f"val/{kind}_map@10"] == pytest.approx(expected(kind, 24), abs=1e-5), kind
