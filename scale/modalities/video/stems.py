@@ -62,6 +62,30 @@ class VideoStem(Modality):
         return self.head(fused_tokens, masked, sample_weight)
 
 
+class PixelPatches(nn.Module):
+    """A frame -> one token: per-pixel colour features (1x1 conv + GELU), a patch convolution +
+    GELU, averaged over the patches.
+
+    The per-pixel nonlinearity is what lets the token say *which colours are where in the frame*,
+    not just its mean colour: a patch convolution straight on the pixels followed by the average is
+    linear, so the token was a function of the frame's mean patch, and a product's small coloured
+    object (the demo's category blob over an instance-coloured background) could not be told from a
+    different background tint. With the linear stem, the smoke run's video embedding scored the
+    coarse mAP@10 of its random initialisation (0.187 vs 0.189; docs/measured.md)."""
+
+    colour_features = 16
+    """Per-pixel features: cheap (the patch convolution reads 16 instead of 3 channels)."""
+
+    def __init__(self, hidden: int, patch: int):
+        super().__init__()
+        self.colour = nn.Conv2d(3, self.colour_features, kernel_size=1)
+        self.patches = nn.Conv2d(self.colour_features, hidden, kernel_size=patch, stride=patch)
+
+    def forward(self, frames: Tensor) -> Tensor:
+        """(N, 3, S, S) -> (N, hidden)."""
+        return F.gelu(self.patches(F.gelu(self.colour(frames)))).mean(dim=(-1, -2))
+
+
 class FrameStem(VideoStem):
     stem = "frames"
     reads = (VIDEO,)
@@ -70,8 +94,7 @@ class FrameStem(VideoStem):
     def __init__(self, config: VideoConfig, width: int):
         if config.size % config.patch:
             raise ValueError(f"video.size {config.size} is not a multiple of video.patch {config.patch}")
-        embed = nn.Conv2d(3, config.hidden, kernel_size=config.patch, stride=config.patch)
-        super().__init__(config, width, embed, target_dim=3 * config.target_grid**2)
+        super().__init__(config, width, PixelPatches(config.hidden, config.patch), target_dim=3 * config.target_grid**2)
 
     @classmethod
     def tensors(cls, config: VideoConfig) -> dict[str, TensorSpec]:
@@ -93,7 +116,7 @@ class FrameStem(VideoStem):
     def embed_frames(self, inputs: dict[str, Tensor], real: Tensor) -> Tensor:
         frames = inputs["frames"]  # (B, T, 3, S, S)
         batch, time = frames.shape[:2]
-        return self.embed(frames.flatten(0, 1)).mean(dim=(-1, -2)).view(batch, time, -1)
+        return self.embed(frames.flatten(0, 1)).view(batch, time, -1)
 
     def targets(self, values: Tensor) -> Tensor:
         """(B, T, 3, S, S) -> (B, T, 3*g*g) colour layout of each frame."""
