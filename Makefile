@@ -23,9 +23,9 @@ $(STAMP): setup.cfg setup.py
 	touch $(STAMP)
 
 smoke-data: install
-	$(VENV)/bin/scale demo-data --out $(SMOKE)/raw/train --products 600 --seed 0 --missing video=0.2 --missing audio=0.2 --missing table=0.1 --noisy-title-rate 0.1
+	$(VENV)/bin/scale demo-data --out $(SMOKE)/raw/train --products 2400 --seed 0 --workers 2 --missing video=0.2 --missing audio=0.2 --missing table=0.1 --noisy-title-rate 0.1
 	$(VENV)/bin/scale demo-data --out $(SMOKE)/raw/eval --products 300 --seed 1 --missing video=0.2 --missing audio=0.2 --missing table=0.1
-	$(VENV)/bin/scale shards --src $(SMOKE)/raw/train --out $(SMOKE)/shards/train --max-count 100
+	$(VENV)/bin/scale shards --src $(SMOKE)/raw/train --out $(SMOKE)/shards/train --max-count 400
 	$(VENV)/bin/scale shards --src $(SMOKE)/raw/eval --out $(SMOKE)/shards/eval --max-count 100
 
 smoke-test: install
