@@ -2,6 +2,8 @@
 
     scale fit --config configs/smoke.yaml [--trainer.max_steps 100 ...]   LightningCLI (--print_config shows the config)
     scale validate --config configs/smoke.yaml --ckpt_path last          validation loss per part, in-loop retrieval mAP@10
+    scale finetune --config configs/finetune/classify_probe.yaml --model.export DIR --data.train_shards SHARDS
+                   --data.val_shards SHARDS                            classification / retrieval finetune, metrics before/after
     scale demo-data --out DIR --products N --seed S                      demo products as real media files
     scale shards --src RAW --out DIR [--processes N]                     a release -> tar shards (restartable)
     scale corrupt --src RAW --out DIR --modalities text --kind swap --rate 0.5   robustness settings
@@ -22,6 +24,7 @@ import os
 import pickle
 import re
 import sys
+import warnings
 
 from datamodules.error_budget import DataErrorRateExceeded
 from scale.modalities import PluginError
@@ -91,8 +94,10 @@ def one_line(message: str, argv: list[str]) -> str:
     return lines[0] if lines else message.strip()
 
 
-def build_cli(args: list[str] | None = None, run: bool = True):
-    """The LightningCLI over SCALEModule and M5ProductDataModule (`run=False`: parse and build only)."""
+def build_cli(args: list[str] | None = None, run: bool = True, finetune: bool = False):
+    """The LightningCLI over SCALEModule and M5ProductDataModule (`run=False`: parse and build only).
+    `finetune`: over `scale.finetune.FinetuneModule` instead, without subcommands (`scale finetune`:
+    `run_finetune` validates, fits and validates again)."""
     import torch
     from lightning.pytorch.callbacks import LearningRateMonitor
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -118,7 +123,7 @@ def build_cli(args: list[str] | None = None, run: bool = True):
             if not self.exit_on_error or os.environ.get("SCALE_DEBUG"):
                 return super().error(message, ex)
             argv = sys.argv[1:] if args is None else list(args)
-            _option_error(_command(argv), one_line(message, argv))
+            _option_error("finetune" if finetune else _command(argv), one_line(message, argv))
 
     class SCALECLI(LightningCLI):
         @staticmethod
@@ -128,8 +133,12 @@ def build_cli(args: list[str] | None = None, run: bool = True):
             return {name: keys for name, keys in LightningCLI.subcommands().items() if name in ("fit", "validate")}
 
         def add_arguments_to_parser(self, parser) -> None:
-            # One source of truth for input shapes: the data module decodes what the model expects.
-            parser.link_arguments("model.config", "data.model_config", apply_on="parse")
+            # One source of truth for input shapes: the data module decodes what the model expects
+            # (when finetuning, what the export was trained on: its config, read by the module).
+            if finetune:
+                parser.link_arguments("model.model_config", "data.model_config", apply_on="instantiate")
+            else:
+                parser.link_arguments("model.config", "data.model_config", apply_on="parse")
 
         def _parse_ckpt_path(self) -> None:
             # LightningCLI reads --ckpt_path's hyperparameters (weights_only=True) before anything
@@ -190,16 +199,25 @@ def build_cli(args: list[str] | None = None, run: bool = True):
                 trainer.strategy.checkpoint_io = AtomicCheckpointIO()
             return trainer
 
-    return SCALECLI(
-        SCALEModule,
-        M5ProductDataModule,
-        args=args,
-        run=run,
-        # On SLURM requeue the same run directory is reused: the saved config must be overwritable.
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"parser_mode": "yaml"},
-        parser_class=SCALEArgumentParser,
-    )
+    if finetune:
+        from scale.finetune import FinetuneModule, run_finetune
+
+    with warnings.catch_warnings():
+        if finetune:  # it is handed the arguments after `finetune`, not sys.argv: not a mistake
+            warnings.filterwarnings("ignore", "LightningCLI's args parameter")
+        cli = SCALECLI(
+            FinetuneModule if finetune else SCALEModule,
+            M5ProductDataModule,
+            args=args,
+            run=run and not finetune,
+            # On SLURM requeue the same run directory is reused: the saved config must be overwritable.
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"parser_mode": "yaml"},
+            parser_class=SCALEArgumentParser,
+        )
+    if finetune and run:
+        run_finetune(cli)
+    return cli
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -216,6 +234,8 @@ def main(argv: list[str] | None = None) -> None:
             _run_tool(args[0], args[1:])
         elif args and args[0] in ("-h", "--help"):
             print(__doc__)
+        elif args and args[0] == "finetune":
+            build_cli(args[1:], finetune=True)
         else:
             build_cli(argv)  # None: LightningCLI reads sys.argv itself
     except Exception as error:

@@ -14,6 +14,7 @@ from scale.config import ModelConfig
 from tests.conftest import ROOT
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+FINETUNE_CONFIGS = sorted((ROOT / "configs" / "finetune").glob("*.yaml"))
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -33,6 +34,18 @@ def test_config_parses_and_builds_model_config(path: Path):
             for key, value in values.items():
                 actual = getattr(getattr(config, section), key)
                 assert actual == (tuple(value) if isinstance(value, list) else value), f"{section}.{key}"
+
+
+@pytest.mark.parametrize("path", FINETUNE_CONFIGS, ids=[p.name for p in FINETUNE_CONFIGS])
+def test_finetune_config_parses(path: Path, capsys):
+    """`scale finetune` configs against FinetuneModule's signature (in this process: parsing
+    only, the export is never read)."""
+    with pytest.raises(SystemExit) as exit:
+        build_cli(["--config", str(path), "--model.export", "unused", "--print_config"], finetune=True)
+    assert exit.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)["model"]
+    for key, value in yaml.safe_load(path.read_text())["model"].items():
+        assert printed[key] == value if not isinstance(value, dict) else value.items() <= printed[key].items(), key
 
 
 def test_unknown_config_key_is_a_one_line_error_naming_the_key():
