@@ -35,7 +35,7 @@ from datamodules.tar_reader import DROPPING_ERRORS, MEMBER_ERRORS
 from scale.media import MediaTooLarge, check_size
 from scale.modalities import REGISTRY, stem_class
 from scale.modalities.spec import DecodeContext, FileField, Missing, RawSample, RecordField
-from scale.shard_format import RECORD_MEMBER, canonical_label
+from scale.shard_format import RECORD_MEMBER, canonical_label, is_number
 
 
 def category_id(label: str | None, vocabulary: dict[str, int] | None) -> int:
@@ -46,7 +46,7 @@ def category_id(label: str | None, vocabulary: dict[str, int] | None) -> int:
         return -1
     if vocabulary is not None:
         return vocabulary.get(label, -1)
-    return int(label) if label.lstrip("-").isdigit() and int(label) >= 0 else -1
+    return int(label) if is_number(label) and int(label) >= 0 else -1
 
 
 class SampleDecoder:

@@ -90,10 +90,12 @@ def compute_embeddings(model: SCALE, shards: str, batch_size: int = 64, num_work
     for batch in tqdm(loader, total=_batches(shards, batch_size), desc="embedding", unit="batch", disable=not progress):
         batch = _to_device(batch, device)
         full = model.embed(batch)
+        subsets = {tuple(names): full}  # each modality subset embedded once (query and gallery may share one)
         for side, modalities in (("query", query), ("gallery", gallery)):
-            embedded = full if modalities == names else model.embed(_only(batch, modalities))
+            if tuple(modalities) not in subsets:
+                subsets[tuple(modalities)] = model.embed(_only(batch, modalities))
             for kind in COMBINED:
-                keep(f"{side}/{kind}", embedded[kind])
+                keep(f"{side}/{kind}", subsets[tuple(modalities)][kind])
         for m in names:
             keep(f"{m}/projection", full[f"{m}/projection"])
             keep(f"{m}/encoder", full[f"{m}/encoder"])

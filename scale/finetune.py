@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from scale.bounds import AT_LEAST_0, AT_LEAST_1, BELOW_1, POSITIVE, SHARE, Bound, check_bounds, check_value
 from scale.config import ModelConfig, _from_dict
 from scale.export import export_model, load_pretrained
-from scale.metrics import linear_probe_accuracy
+from scale.metrics import linear_probe_accuracy, macro_f1
 from scale.model import SCALE, TRANSFORMER_BLOCKS
 from scale.module import SCALEModule, validation_retrieval
 from scale.optim import DECAYED_TYPES
@@ -102,14 +102,6 @@ def classification_loss(logits: Tensor, category: Tensor) -> Tensor:
     if not labelled.any():
         return logits.sum() * 0.0
     return F.cross_entropy(logits[labelled].float(), category[labelled])
-
-
-def macro_f1(predicted: Tensor, category: Tensor) -> float:
-    """sklearn's macro F1: the mean over the classes that occur as a label or a prediction (a
-    vocabulary class the held-out set never shows nor the head predicts is not averaged in)."""
-    from sklearn.metrics import f1_score
-
-    return float(f1_score(category.numpy(), predicted.numpy(), average="macro", zero_division=0))
 
 
 def parameter_depths(model: SCALE, head: list[nn.Parameter], through_fusion: bool) -> dict[int, int]:

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ap_at_k", "clustering_metrics", "linear_probe_accuracy", "retrieval_metrics"]
+__all__ = ["ap_at_k", "clustering_metrics", "linear_probe_accuracy", "macro_f1", "retrieval_metrics"]
 
 RETRIEVAL_MEMORY_BUDGET_BYTES = 256 * 2**20
 """Working-memory budget for one chunk of queries in :func:`retrieval_metrics` (the ``(chunk, N)``
@@ -291,7 +291,6 @@ def linear_probe_accuracy(
         ValueError: fewer than 2 classes in the train split (logistic regression is undefined).
     """
     from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import f1_score
     from sklearn.model_selection import GroupShuffleSplit, ShuffleSplit
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -323,8 +322,17 @@ def linear_probe_accuracy(
     # The probe only ever predicts train classes, so test-only classes are automatically errors.
     predicted = probe.predict(x[test_idx]) if len(test_idx) else np.zeros(0, dtype=np.int64)
     accuracy = float(np.mean(predicted == y[test_idx])) if len(test_idx) else 0.0
-    macro_f1 = float(f1_score(y[test_idx], predicted, average="macro", zero_division=0)) if len(test_idx) else 0.0
-    return {"accuracy": accuracy, "macro_f1": macro_f1, "train_size": int(len(train_idx)), "test_size": int(len(test_idx))}
+    f1 = macro_f1(predicted, y[test_idx]) if len(test_idx) else 0.0
+    return {"accuracy": accuracy, "macro_f1": f1, "train_size": int(len(train_idx)), "test_size": int(len(test_idx))}
+
+
+def macro_f1(predicted: Any, labels: Any) -> float:
+    """scikit-learn's ``f1_score(average="macro")``: the mean over the classes that occur as a label
+    or a prediction (a class absent from both does not dilute it; one never predicted scores 0)."""
+    from sklearn.metrics import f1_score
+
+    as_numpy = [x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x) for x in (predicted, labels)]
+    return float(f1_score(as_numpy[1], as_numpy[0], average="macro", zero_division=0))
 
 
 def clustering_metrics(

@@ -102,6 +102,12 @@ def format_table(pairs) -> str:
     return TABLE_PAIR_SEPARATOR.join(f"{key}{TABLE_KEY_VALUE_SEPARATOR}{value}" for key, value in pairs)
 
 
+def is_number(label: str) -> bool:
+    """A label that is an integer (digits, an optional minus; short enough to be an id, not a code)."""
+    digits = label.lstrip("-")
+    return digits.isdigit() and len(digits) < 20
+
+
 def canonical_label(value: object) -> str | None:
     """A record's category as the vocabulary's key, None when the product has none.
 
@@ -119,15 +125,13 @@ def canonical_label(value: object) -> str | None:
         text = value.strip()
         if not text:
             return None
-        digits = text.lstrip("-")
-        return str(int(text)) if digits.isdigit() and len(digits) < 20 else text
+        return str(int(text)) if is_number(text) else text
     return None
 
 
 def label_order(label: str) -> tuple[int, int, str]:
     """Numbers first, in numeric order, then names alphabetically: the vocabulary's order."""
-    digits = label.lstrip("-")
-    return (0, int(label), "") if digits.isdigit() and len(digits) < 20 else (1, 0, label)
+    return (0, int(label), "") if is_number(label) else (1, 0, label)
 
 
 def labels_path(spec: str) -> Path | None:
