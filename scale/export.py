@@ -194,7 +194,7 @@ def load_pretrained(directory: str | Path, device: str | torch.device = "cpu") -
                          "export the checkpoint again") from None  # fmt: skip
     except RuntimeError as error:  # strict: other keys or shapes than config.json's model
         raise ValueError(f"load_pretrained: {weights} does not match {config_path} "
-                         f"({str(error).splitlines()[0][:200]}); export the checkpoint again") from None  # fmt: skip
+                         f"({' '.join(str(error).split())[:300]}); export the checkpoint again") from None  # fmt: skip
     return model.to(device).eval()
 
 

@@ -151,3 +151,24 @@ def test_a_checkpoint_that_would_run_code_is_refused_in_one_line(demo_shards, tm
     last = result.stderr.strip().splitlines()[-1]
     assert "refused to unpickle" in last and "evil.ckpt" in last, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+def test_an_export_of_other_parameters_is_refused_naming_the_keys(tmp_path):
+    """An export whose weights lack some of the model's parameters (an older stem's layout) fails
+    in one line that names them, not only "does not match"."""
+    import safetensors.torch
+
+    from scale import load_pretrained
+    from scale.export import export_model
+    from scale.model import SCALE
+    from tests.conftest import tiny_config
+
+    export = export_model(SCALE(tiny_config(), load_weights=False), tmp_path / "export")
+    weights = safetensors.torch.load_file(export / "model.safetensors")
+    older = {k: v for k, v in weights.items() if not k.startswith("encoders.video.embed.peaks.")}
+    assert len(older) == len(weights) - 2
+    safetensors.torch.save_file(older, export / "model.safetensors")
+    with pytest.raises(ValueError) as error:
+        load_pretrained(export)
+    message = str(error.value)
+    assert "\n" not in message and "encoders.video.embed.peaks.weight" in message and "export the checkpoint again" in message

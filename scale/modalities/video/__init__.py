@@ -1,9 +1,10 @@
 """Product video: one token per frame (or per clip feature) -> temporal transformer. Two stems
 (`stems.py`):
 
-- `frames` (`FrameStem`): T uniformly sampled decoded frames. Each frame is cut into patches by a
-  strided convolution and the patch embeddings are averaged into one frame token (cheap enough for
-  12 frames on a CPU).
+- `frames` (`FrameStem`): T uniformly sampled decoded frames. Per-pixel colour features (1x1
+  convolution + GELU) are cut into patches by a strided convolution and averaged (the frame's
+  layout), and each colour feature's peak over the frame is added (a small object's colour, which
+  any average loses to the background): one token per frame, cheap enough for 12 frames on a CPU.
 - `features` (`ClipFeatureStem`): M5Product's released per-second S3D clip features (the official
   model's input), one Linear per clip. Videos shorter than `frames` seconds are padded, and
   `frame_mask` keeps the padding out of attention, out of the mean token and out of masked modeling.
