@@ -451,6 +451,20 @@ def generate(out: str | Path, products: int, seed: int = 0, categories: int = 8,
     return meta
 
 
+def planted(products: int, seed: int = 0, categories: int = 8, world_seed: int = 0,
+            missing: dict[str, float] | None = None) -> list[dict[str, Any]]:
+    """What `generate` with these arguments plants, without rendering anything: per product its
+    `id`, `category`, `instance`, `present` (modality -> bool) and `shown` (modality -> the category
+    whose cues that modality carries; another one with probability `CONFUSION`). The ceiling of a
+    modality's coarse retrieval on the demo is that of a perfect detector of `shown`
+    (`bench/demo_ceiling.py`)."""
+    world = _world(categories, world_seed)
+    insts, listing = _instances(products, seed, world)
+    keys = ("id", "category", "instance", "present", "shown")
+    return [{k: row[k] for k in keys} for row in
+            (_product(i, seed, insts[listing[i]], world, dict(missing or {})) for i in range(products))]
+
+
 def _official_files(index: int, present: dict[str, bool]) -> dict[str, str]:
     """Official layout: media path patterns of one product (no audio file: audio only in the video)."""
     files = dict(_OFFICIAL)

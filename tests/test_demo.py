@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -14,7 +15,8 @@ import pytest
 import soundfile
 from PIL import Image
 
-from datamodules.demo import MODALITIES, add_arguments, generate, run
+from datamodules.demo import MODALITIES, add_arguments, generate, planted, run
+from tests.conftest import ROOT
 
 SMALL = dict(image_size=48, video_size=32, video_seconds=1.0, fps=8, audio_seconds=0.5,
              sample_rate=16000)
@@ -214,3 +216,27 @@ def test_chinese_is_the_same_products_in_chinese_words(tmp_path: Path) -> None:
     assert any(set(w) <= made_up for r in cn for w in r["title"].split())  # categories past the noun list
     with pytest.raises(ValueError, match="language"):
         generate(tmp_path / "fr", 2, language="fr")
+
+
+def test_planted_is_what_generate_writes(tmp_path: Path) -> None:
+    """`planted` (the ceiling benchmark's ground truth) draws the products `generate` writes."""
+    missing = {"video": 0.3, "audio": 0.5, "table": 0.2}
+    rows = _rows(generate(tmp_path, 20, seed=4, missing=missing, **SMALL))
+    truth = planted(20, seed=4, missing=missing)
+    assert [(r["id"], r["category"], r["instance"]) for r in rows] == [(t["id"], t["category"], t["instance"]) for t in truth]
+    for row, t in zip(rows, truth):
+        assert t["present"] == {"text": bool(row["title"]), "table": bool(row["table"]),
+                                **{m: row[m] is not None for m in ("image", "video", "audio")}}  # fmt: skip
+    shown = [t["shown"][m] != t["category"] for t in truth for m in MODALITIES]
+    assert 0 < sum(shown) < len(shown)  # some modalities show another category, most their own
+
+
+def test_ceiling_of_a_perfect_detector_is_one_and_confusion_lowers_it() -> None:
+    spec = importlib.util.spec_from_file_location("demo_ceiling", ROOT / "bench" / "demo_ceiling.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = planted(200, seed=2)
+    found = bench.ceilings(rows)
+    honest = [{**r, "shown": {m: r["category"] for m in MODALITIES}} for r in rows]
+    assert all(value == pytest.approx(1.0) for value in bench.ceilings(honest).values())
+    assert all(0.2 < value < 0.8 for value in found.values()), found
