@@ -75,7 +75,7 @@ def test_two_process_cpu_ddp_fit_in_exact_epochs(demo_shards, tmp_path):
 
 @pytest.mark.slow
 def test_training_beats_random_initialisation_on_coarse_retrieval(tmp_path):
-    """The planted category signal is learned: trained coarse mAP@10 clearly above random init."""
+    """The planted signal is learned: coarse (category) and fine (product) mAP@10 above random init."""
     shards = {}
     for split, count, seed in (("train", 320, 0), ("eval", 160, 1)):
         raw = tmp_path / "raw" / split
@@ -89,6 +89,17 @@ def test_training_beats_random_initialisation_on_coarse_retrieval(tmp_path):
     trained = load_checkpoint_model(checkpoint)
     torch.manual_seed(0)
     random_init = SCALE(trained.config, load_weights=False)
-    trained_map = evaluate(trained, str(shards["eval"]))[0]["embeddings"]["contrastive"]["coarse"]["map@10"]
-    random_map = evaluate(random_init, str(shards["eval"]))[0]["embeddings"]["contrastive"]["coarse"]["map@10"]
-    assert trained_map > random_map + 0.1, (trained_map, random_map)
+    scores = {state: evaluate(model, str(shards["eval"]), tasks=("coarse", "fine"))[0]["embeddings"]
+              for state, model in (("trained", trained), ("random", random_init))}  # fmt: skip
+
+    def gain(kind: str, task: str) -> float:
+        return scores["trained"][kind][task]["map@10"] - scores["random"][kind][task]["map@10"]
+
+    # What learns on a run this short (docs/measured.md, "Does every modality learn?"; measured
+    # gains .183, .027, .324, .074): the contrastive embedding and the title on categories, the
+    # contrastive and the fused embedding on products. Table, image, video, audio and fused do not
+    # beat random on categories here (issue 11).
+    assert gain("contrastive", "coarse") > 0.1, scores
+    assert gain("text", "coarse") > 0.0, scores
+    assert gain("contrastive", "fine") > 0.1, scores
+    assert gain("fused", "fine") > 0.0, scores
