@@ -54,7 +54,7 @@ from scale.metrics import linear_probe_accuracy, macro_f1
 from scale.model import SCALE, TRANSFORMER_BLOCKS
 from scale.module import SCALEModule, validation_retrieval
 from scale.optim import DECAYED_TYPES
-from scale.outputs import write_file
+from scale.outputs import output_folder, write_file
 from scale.shard_format import read_labels
 
 TASKS = ("classification", "retrieval")
@@ -445,14 +445,17 @@ def format_before_after(before: dict[str, Any], after: dict[str, Any]) -> str:
 def save_finetuned(module: FinetuneModule, out: str | Path) -> Path:
     """The finetuned model as a folder: an export of the finetuned SCALE (`scale.load_pretrained`
     reads it as any export) plus `head.safetensors` and `finetune.json` (task, head, labels).
-    Replaces an earlier one in the same run folder, as the run's checkpoints are."""
-    out = export_model(module.model, out, overwrite=True)
+    Replaces an earlier one in the same run folder, as the run's checkpoints are, whole or not at
+    all: the export, the head and the metadata are written into one staging folder first, so a
+    full disk midway leaves the earlier folder as it was (`scale/outputs.py`)."""
     meta = {"format": FINETUNED_FORMAT, "task": module.task, "head": asdict(module.head_config),
             "num_classes": module.hparams["num_classes"], "labels": module.labels}  # fmt: skip
-    if module.head is not None:
-        safetensors.torch.save_model(module.head, str(out / HEAD_FILE))
-    (out / FINETUNE_FILE).write_text(json.dumps(meta, indent=1))
-    return out
+    with output_folder(out, overwrite=True, option="finetune") as staging:
+        export_model(module.model, staging, overwrite=True)
+        if module.head is not None:
+            safetensors.torch.save_model(module.head, str(staging / HEAD_FILE))
+        (staging / FINETUNE_FILE).write_text(json.dumps(meta, indent=1))
+    return Path(out)
 
 
 def load_finetuned(directory: str | Path) -> FinetuneModule:

@@ -193,3 +193,28 @@ def test_a_bad_finetune_invocation_is_one_line(w, case, capsys):
     assert "Traceback" not in capsys.readouterr().err
     assert not (w / f"bad-{case}" / "finetune_metrics.json").exists()
     assert os.path.isdir(w / "export")
+
+
+def test_a_full_disk_while_saving_leaves_the_earlier_finetuned_folder_whole(w, tmp_path, monkeypatch):
+    """`save_finetuned` replaces the run's `finetuned/` whole or not at all: the head failing to
+    write (after the export part is written) leaves the earlier folder loadable, with its head."""
+    import errno
+
+    import scale.finetune as finetune_module
+
+    module = FinetuneModule(str(w / "export"), freeze="encoders", num_classes=CATEGORIES)
+    out = finetune_module.save_finetuned(module, tmp_path / "finetuned")
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert Path(finetune_module.HEAD_FILE) in before
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    torch.nn.init.ones_(module.head[0].weight)  # a different head, which must not half-replace the old
+    monkeypatch.setattr(finetune_module.safetensors.torch, "save_model", full_disk)
+    with pytest.raises(OSError):
+        finetune_module.save_finetuned(module, out)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["finetuned"]  # no staging folder left
+    monkeypatch.undo()
+    assert load_finetuned(out).head is not None
