@@ -96,6 +96,10 @@ class M5ProductDataModule(L.LightningDataModule):
             check_value(f"data.{name}", value, bound)
         check_value("data.val_batch_size", val_batch_size, AT_LEAST_1, optional=True)
         check_value("data.val_max_samples", val_max_samples, AT_LEAST_1, optional=True)
+        # Recorded in the checkpoint (`datamodule_hyper_parameters`): the export's model card names
+        # the shards and batch size a model was trained on. The model config is the model's own,
+        # and the limits are settings of the run, not of the data.
+        self.save_hyperparameters(ignore=["model_config", "limits"])
         self.train_shards = train_shards
         self.batch_size = batch_size
         self.num_workers = num_workers

@@ -142,6 +142,8 @@ def test_the_model_card_names_the_training_steps_and_what_it_holds(run):
     assert "Modalities: text, image" in card
     assert "| text | wordpiece |" in card and "| image | pixels |" in card
     assert "- optimizer steps: 2 (epoch 0)" in card
+    assert f"train_shards={run['root'] / 'shards'}" in card and "batch_size=8" in card
+    assert "- samples trained per rank: 16 " in card
     assert "scale evaluate --model" in card  # the checkpoint holds no validation metric
 
 
