@@ -50,8 +50,7 @@ def main() -> None:
     parser.add_argument("--model", help="an export folder: print its per-modality coarse mAP@10 beside the ceiling")
     parser.add_argument("--data", help="the shards of the same products (with --model)")
     args = parser.parse_args()
-    missing = {m: float(rate) for m, rate in (item.split("=") for item in args.missing)}
-    rows = demo.planted(args.products, args.seed, args.categories, missing=missing)
+    rows = demo.planted(args.products, args.seed, args.categories, missing=demo.parse_missing(args.missing))
     found = ceilings(rows)
     trained = random_init = {}
     if args.model:

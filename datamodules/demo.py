@@ -395,11 +395,7 @@ def generate(out: str | Path, products: int, seed: int = 0, categories: int = 8,
         for name in demo_features.FILES if layout == "official" else ():
             (root / name).mkdir(exist_ok=True)
 
-    world = _world(categories, world_seed)
-    insts, listing = _instances(products, seed, world)
-    if language == "zh":
-        world, insts = _in_chinese(world, insts)
-    rows = [_product(i, seed, insts[listing[i]], world, missing, _WORDS[language]) for i in range(products)]
+    world, insts, listing, rows = _draw(products, seed, categories, world_seed, missing, language)
     rng = np.random.default_rng([seed, _NOISY])
     raw = [r["title"] for r in rows]
     for i in np.flatnonzero(rng.random(products) < noisy_title_rate) if products > 1 else []:
@@ -458,11 +454,20 @@ def planted(products: int, seed: int = 0, categories: int = 8, world_seed: int =
     whose cues that modality carries; another one with probability `CONFUSION`). The ceiling of a
     modality's coarse retrieval on the demo is that of a perfect detector of `shown`
     (`bench/demo_ceiling.py`)."""
+    keys = ("id", "category", "instance", "present", "shown")
+    return [{k: row[k] for k in keys} for row in _draw(products, seed, categories, world_seed, dict(missing or {}))[3]]
+
+
+def _draw(products: int, seed: int, categories: int, world_seed: int, missing: dict[str, float],
+          language: str = "en") -> tuple[list[dict], list[dict], list[int], list[dict]]:
+    """The world, the instances, each product's instance index and the products' rows: everything
+    `generate` and `planted` draw before any pixel."""
     world = _world(categories, world_seed)
     insts, listing = _instances(products, seed, world)
-    keys = ("id", "category", "instance", "present", "shown")
-    return [{k: row[k] for k in keys} for row in
-            (_product(i, seed, insts[listing[i]], world, dict(missing or {})) for i in range(products))]
+    if language == "zh":
+        world, insts = _in_chinese(world, insts)
+    rows = [_product(i, seed, insts[listing[i]], world, missing, _WORDS[language]) for i in range(products)]
+    return world, insts, listing, rows
 
 
 def _official_files(index: int, present: dict[str, bool]) -> dict[str, str]:
@@ -492,7 +497,8 @@ def _write_official(root: Path, rows: list[dict], jobs: list[dict], features: bo
     return meta
 
 
-def _parse_missing(items: list[str] | None) -> dict[str, float]:
+def parse_missing(items: list[str] | None) -> dict[str, float]:
+    """`--missing MOD=RATE` items (repeatable) -> {modality: rate}."""
     rates = {}
     for item in items or []:
         mod, sep, rate = item.partition("=")
@@ -537,7 +543,7 @@ def run(args: argparse.Namespace) -> None:
     kw = {k: v for k, v in vars(args).items() if k in inspect.signature(generate).parameters}
     # Written into a staging folder renamed into place: an existing folder is never half replaced.
     with output_folder(args.out, getattr(args, "overwrite", False), "demo-data --out") as staging:
-        meta = generate(**{**kw, "out": staging, "missing": _parse_missing(args.missing)})
+        meta = generate(**{**kw, "out": staging, "missing": parse_missing(args.missing)})
     meta = Path(args.out) / meta.name
     if meta.suffix == ".jsonl":
         rows = [json.loads(line) for line in meta.read_text().splitlines()]
