@@ -69,7 +69,7 @@ class HarmonizationConfig:
 
 @dataclass
 class ContrastiveConfig:
-    """Inter-modality contrastive learning (InfoNCE over every present modality pair)."""
+    """Inter-modality contrastive learning over every present modality pair."""
 
     enabled: bool = True
     """Compute the contrastive loss."""
@@ -79,8 +79,19 @@ class ContrastiveConfig:
     """InfoNCE temperature (official: 0.07); the initial value when `learn_temperature` is set."""
     learn_temperature: bool = False
     """Learn the temperature (as CLIP's log logit scale, clamped to a scale of at most 100)."""
+    objective: Literal["infonce", "siglip"] = "infonce"
+    """`infonce`: a softmax over the global batch's keys per query (the paper). `siglip`: a sigmoid
+    per query-key pair with a learned offset (SigLIP, Zhai et al. 2023): no normalisation over the
+    batch, so its quality depends less on the batch size. Both exact under data parallelism and
+    weighted by harmonization the same way (`scale/pair_loss.py`)."""
+    siglip_bias: float = -10.0
+    """Initial value of SigLIP's learned logit offset (SigLIP's -10 with a temperature of 0.1: it
+    starts from 'every pair is a negative', the right prior for a batch of mostly negatives)."""
+    chunk_size: int = 4096
+    """Query rows per block of the contrastive logits: memory per pair O(chunk_size x global batch)
+    instead of O(local batch x global batch). Exact: loss and gradients do not depend on it."""
 
-    BOUNDS = {"projection_dim": AT_LEAST_1, "temperature": POSITIVE}
+    BOUNDS = {"projection_dim": AT_LEAST_1, "temperature": POSITIVE, "chunk_size": AT_LEAST_1}
 
 
 @dataclass

@@ -135,7 +135,7 @@ def parameter_depths(model: SCALE, head: list[nn.Parameter], through_fusion: boo
         for index, block in enumerate(blocks):
             assign(block, top + len(blocks) - index)
         assign(encoder, top + len(blocks) + 1)
-    assign(model, 0)  # projections, learned temperature / harmonization matrix
+    assign(model, 0)  # projections, learned temperature / SigLIP bias / harmonization matrix
     return depths
 
 
@@ -159,6 +159,8 @@ def used_parameters(model: SCALE, task: str) -> set[int]:
         used.add(id(model.harmonization_matrix))  # the loss uses it, the embedding does not
     if task == "retrieval" and isinstance(model.logit_scale, nn.Parameter):
         used.add(id(model.logit_scale))
+    if task == "retrieval" and model.logit_bias is not None:
+        used.add(id(model.logit_bias))
     return used
 
 

@@ -1,4 +1,5 @@
-"""Inter-modality contrastive loss, exact under data parallelism.
+"""Inter-modality contrastive loss (InfoNCE or SigLIP, in blocks of queries), exact under data
+parallelism.
 
 For every pair of modalities (i, j) and both directions, each local query of modality i is scored
 against the keys of modality j from *every* rank (gathered with gradient, open_clip's "local loss":
@@ -18,8 +19,9 @@ from itertools import combinations
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
-import torch.nn.functional as F
 from torch import Tensor
+
+from scale.pair_loss import pair_loss
 
 
 def world_info() -> tuple[int, int]:
@@ -83,15 +85,22 @@ def contrastive_loss(
     pair_weights: Tensor | None,
     temperature: float | Tensor,
     pair_weighting: str = "logit_scale",
+    objective: str = "infonce",
+    bias: Tensor | None = None,
+    chunk_size: int | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """InfoNCE over every modality pair, both directions.
+    """The contrastive loss over every modality pair, both directions (`scale/pair_loss.py`).
 
     features: modality -> (B, P) L2-normalised projections (local batch; B may differ across ranks).
     present: modality -> (B,) bool.
     pair_weights: (B, M, M) harmonization weights in `features` order, or None for 1. Entry [b, i, j]
         applies to sample b's modality-i query against modality-j keys.
     pair_weighting: `logit_scale` multiplies that query's logits (a per-sample temperature
-        tau / G[i, j], the official code); `loss_weight` multiplies its InfoNCE term (the paper).
+        tau / G[i, j], the official code); `loss_weight` multiplies its loss term (the paper).
+    objective: `infonce` (softmax over the keys, the paper's) or `siglip` (a sigmoid per query-key
+        pair, with the learned offset `bias`).
+    chunk_size: query rows per block of logits: memory O(chunk_size x global batch) per pair instead
+        of O(B x global batch); the loss and its gradient do not depend on it. None: one block.
     Returns the mean over pairs with at least one valid query anywhere, and each pair's loss.
     """
     names = list(features)
@@ -102,6 +111,7 @@ def contrastive_loss(
     keys = {m: gather_with_grad(features[m], sizes) for m in names}
     key_present = {m: gather_no_grad(present[m], sizes) for m in names}
     labels = torch.arange(batch, device=device) + sum(sizes[:rank])
+    inverse_temperature = 1.0 / torch.as_tensor(temperature, device=device)
 
     per_pair: dict[str, Tensor] = {}
     for (i, query), (j, key) in combinations(enumerate(names), 2):
@@ -111,20 +121,23 @@ def contrastive_loss(
             continue
         directions = []
         for (a, q), (b, k) in (((i, query), (j, key)), ((j, key), (i, query))):
-            logits = (features[q] @ keys[k].T).float() / temperature
-            weight = None if pair_weights is None else pair_weights[:, a, b].float()
+            weight = None if pair_weights is None else pair_weights[valid, a, b]
+            scale = inverse_temperature.expand(int(valid.sum()))
             if weight is not None and pair_weighting == "logit_scale":
-                logits = logits * weight[:, None]
-            logits = logits.masked_fill(~key_present[k][None, :], float("-inf"))
-            per_query = F.cross_entropy(logits[valid], labels[valid], reduction="none")
+                scale = scale * weight
+            per_query = pair_loss(
+                features[q][valid], keys[k], scale, key_present[k], labels[valid], objective, bias, chunk_size
+            )
             if weight is not None and pair_weighting == "loss_weight":
-                per_query = per_query * weight[valid]
+                per_query = per_query * weight
             directions.append(per_query.sum())
         per_pair[f"{query}-{key}"] = (directions[0] + directions[1]) / 2 / (count / world)
     # Every projection stays in the graph even when its modality is absent from the whole global
     # batch (all its pairs skipped): DDP without find_unused_parameters requires a gradient for
     # every parameter on every rank.
     anchor = sum(f.sum() for f in features.values()) * 0.0
+    if bias is not None:
+        anchor = anchor + bias.sum() * 0.0
     if not per_pair:
         return anchor, per_pair
     return torch.stack(list(per_pair.values())).mean() + anchor, per_pair

@@ -78,6 +78,11 @@ class SCALE(nn.Module):
             self.logit_scale = nn.Parameter(logit_scale)
         else:
             self.register_buffer("logit_scale", logit_scale)
+        # SigLIP's learned logit offset (its objective only: InfoNCE is shift-invariant).
+        if config.contrastive.objective == "siglip":
+            self.logit_bias = nn.Parameter(torch.tensor(config.contrastive.siglip_bias))
+        else:
+            self.logit_bias = None
 
     @property
     def temperature(self) -> Tensor:
@@ -140,8 +145,9 @@ class SCALE(nn.Module):
             pair_weights = self.harmonize(torch.stack([features[m] for m in names], dim=1), present, pairs=True)
             logs.update(pair_weight_logs(pair_weights, present, names))
             contrastive, per_pair = contrastive_loss(
-                features, output.present, pair_weights, self.temperature, self.config.harmonization.pair_weighting
-            )
+                features, output.present, pair_weights, self.temperature, self.config.harmonization.pair_weighting,
+                self.config.contrastive.objective, self.logit_bias, self.config.contrastive.chunk_size,
+            )  # fmt: skip
             total = total + contrastive
             logs["contrastive"] = contrastive
             logs["temperature"] = self.temperature.detach()

@@ -55,6 +55,100 @@ def test_contrastive_matches_reference(weighted):
     assert loss.item() == pytest.approx(expected, rel=1e-5)
 
 
+def reference_siglip(features, present, weights, temperature, bias):
+    """Loop-by-loop pairwise sigmoid loss: per query, -log sigmoid(+x) on its own key and
+    -log sigmoid(-x) on every other present key; mean over a pair's valid queries, both directions."""
+    names = list(features)
+    pair_losses = []
+    for (i, a), (j, b) in combinations(enumerate(names), 2):
+        valid = [n for n in range(len(present[a])) if present[a][n] and present[b][n]]
+        if not valid:
+            continue
+        directions = []
+        for (qi, q), (ki, k) in (((i, a), (j, b)), ((j, b), (i, a))):
+            total = 0.0
+            for n in valid:
+                w = 1.0 if weights is None else float(weights[n, qi, ki])
+                for c in range(len(present[k])):
+                    if present[k][c]:
+                        x = w * float(features[q][n] @ features[k][c]) / temperature + bias
+                        total += math.log1p(math.exp(-x if c == n else x))
+            directions.append(total / len(valid))
+        pair_losses.append(sum(directions) / 2)
+    return sum(pair_losses) / len(pair_losses)
+
+
+def test_siglip_matches_reference():
+    features, present = make_case(seed=3)
+    weights = torch.rand(6, 3, 3) + 0.5
+    loss, _ = contrastive_loss(features, present, weights, 0.1, objective="siglip", bias=torch.tensor(-3.0))
+    assert loss.item() == pytest.approx(reference_siglip(features, present, weights, 0.1, -3.0), rel=1e-5)
+
+
+def _unchunked(features, present, weights, temperature, pair_weighting, objective, bias):
+    """The loss written with plain autograd over the full logits: the reference for the gradient."""
+    names = list(features)
+    pair_losses = []
+    for (i, a), (j, b) in combinations(enumerate(names), 2):
+        valid = present[a] & present[b]
+        if not valid.any():
+            continue
+        directions = []
+        for (qi, q), (ki, k) in (((i, a), (j, b)), ((j, b), (i, a))):
+            w = weights[:, qi, ki]
+            logits = features[q] @ features[k].T / temperature
+            if pair_weighting == "logit_scale":
+                logits = logits * w[:, None]
+            own = torch.eye(len(valid), dtype=torch.bool)
+            if objective == "infonce":
+                logits = logits.masked_fill(~present[k][None, :], float("-inf"))
+                per_query = torch.logsumexp(logits, 1) - logits.diagonal()
+            else:
+                signs = own.float() * 2 - 1
+                per_query = -(F.logsigmoid(signs * (logits + bias)) * present[k][None, :]).sum(1)
+            per_query = torch.where(valid, per_query, 0.0)  # an invalid query's own key may be absent: inf
+            if pair_weighting == "loss_weight":
+                per_query = per_query * w
+            directions.append(per_query.sum() / valid.sum())
+        pair_losses.append(sum(directions) / 2)
+    return torch.stack(pair_losses).mean()
+
+
+@pytest.mark.parametrize("objective", ["infonce", "siglip"])
+@pytest.mark.parametrize("pair_weighting", ["logit_scale", "loss_weight"])
+@pytest.mark.parametrize("chunk", [1, 4, None])
+def test_blocks_of_queries_give_the_exact_loss_and_gradient(objective, pair_weighting, chunk):
+    """The hand-written backward of `scale/pair_loss.py`, in blocks of 1, 4 or all query rows,
+    against autograd on the full logits: gradients of the features, the harmonization weights (not
+    detached), a learned temperature and the SigLIP bias."""
+    torch.manual_seed(11)
+    names = ("text", "image", "video", "audio")
+    leaves = {m: torch.randn(10, 8, dtype=torch.float64) for m in names}
+    present = {m: torch.rand(10) > 0.3 for m in names}
+    present["text"][:3] = present["image"][:3] = True
+    weights = (torch.rand(10, 4, 4, dtype=torch.float64) + 0.5).requires_grad_(True)
+    log_temperature = torch.tensor(math.log(0.2), dtype=torch.float64, requires_grad=True)
+    bias = torch.tensor(-1.5, dtype=torch.float64, requires_grad=True)
+    inputs = [*leaves.values(), weights, log_temperature, bias]
+    for leaf in leaves.values():
+        leaf.requires_grad_(True)
+
+    def grads(loss_fn):
+        features = {m: F.normalize(leaf, dim=-1) for m, leaf in leaves.items()}
+        loss = loss_fn(features, present, weights, log_temperature.exp(), pair_weighting, objective, bias)
+        found = torch.autograd.grad(loss, inputs, allow_unused=True)  # infonce ignores the bias
+        return loss, [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, found)]
+
+    def chunked(features, present, weights, temperature, pair_weighting, objective, bias):
+        return contrastive_loss(features, present, weights, temperature, pair_weighting, objective, bias, chunk)[0]
+
+    loss, got = grads(chunked)
+    expected_loss, expected = grads(_unchunked)
+    assert loss.item() == pytest.approx(expected_loss.item(), rel=1e-10)
+    for name, a, b in zip([*names, "weights", "temperature", "bias"], got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=name)
+
+
 def test_contrastive_ignores_absent_keys():
     features, present = make_case(seed=1)
     loss, _ = contrastive_loss(features, present, None, 0.1)
@@ -115,35 +209,42 @@ def test_harmonization_uniform_and_absent_nan_safe():
     assert torch.isfinite(weights).all() and torch.isfinite(pooled.grad).all()
 
 
-def _ddp_worker(rank, world, port, features, present, weights, out):
+def _ddp_worker(rank, world, port, features, present, weights, objective, chunk, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     local = slice(rank * 4, (rank + 1) * 4)
     feats = {m: f[local].clone().requires_grad_(True) for m, f in features.items()}
-    loss, _ = contrastive_loss(feats, {m: p[local] for m, p in present.items()}, weights[local], 0.07)
+    bias = torch.tensor(-2.0, requires_grad=True)
+    loss, _ = contrastive_loss(feats, {m: p[local] for m, p in present.items()}, weights[local], 0.07,
+                               objective=objective, bias=bias, chunk_size=chunk)  # fmt: skip
     loss.backward()
     # DDP averages gradients over ranks: emulate that reduction on the input gradients.
     grads = {m: f.grad for m, f in feats.items()}
-    torch.save({"loss": loss.detach(), "grads": grads}, f"{out}/rank{rank}.pt")
+    torch.save({"loss": loss.detach(), "grads": grads, "bias": bias.grad}, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
-def test_contrastive_is_exact_under_two_processes(tmp_path):
+@pytest.mark.parametrize("objective,chunk", [("infonce", None), ("infonce", 3), ("siglip", 2)])
+def test_contrastive_is_exact_under_two_processes(tmp_path, objective, chunk):
     """Loss and gradients on 2 gloo processes (gather with grad, global normalisation) equal one
-    process on the concatenated batch, even with a different number of valid queries per rank."""
+    process on the concatenated batch, even with a different number of valid queries per rank, for
+    both objectives and in blocks of queries."""
     torch.manual_seed(7)
     names = ("text", "image", "video")
     features = {m: F.normalize(torch.randn(8, 6), dim=-1) for m in names}
     present = {m: torch.rand(8) > 0.25 for m in names}
     present["text"][:2] = present["image"][:2] = True
     weights = torch.rand(8, 3, 3) + 0.5
-    port = 29500 + os.getpid() % 1000
-    mp.spawn(_ddp_worker, args=(2, port, features, present, weights, str(tmp_path)), nprocs=2, join=True)
+    port = 29500 + os.getpid() % 1000 + (chunk or 0) * 7
+    mp.spawn(_ddp_worker, args=(2, port, features, present, weights, objective, chunk, str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
     single = {m: f.clone().requires_grad_(True) for m, f in features.items()}
-    loss, _ = contrastive_loss(single, present, weights, 0.07)
+    bias = torch.tensor(-2.0, requires_grad=True)
+    loss, _ = contrastive_loss(single, present, weights, 0.07, objective=objective, bias=bias)
     loss.backward()
+    if objective == "siglip":  # the bias is a replicated parameter: DDP averages its gradient
+        assert (sum(r["bias"] for r in ranks) / 2).item() == pytest.approx(bias.grad.item(), rel=1e-4)
     mean_loss = sum(r["loss"] for r in ranks) / 2
     assert mean_loss.item() == pytest.approx(loss.item(), rel=1e-5)
     for m in names:
@@ -222,3 +323,21 @@ def test_learned_matrix_is_trained_by_the_losses():
     losses["loss"].backward()
     assert model.harmonization_matrix.grad is not None and model.harmonization_matrix.grad.abs().sum() > 0
     assert "harmonization/text-image" in losses
+
+
+def test_siglip_model_trains_its_bias_and_matches_infonce_projections():
+    """`contrastive.objective: siglip` builds the learned offset, the loss reaches it, and the model
+    has the same parameters otherwise (an export of either loads the same way)."""
+    from scale.model import SCALE
+    from tests.conftest import tiny_config
+    from tests.test_model import all_patterns, random_batch
+
+    config = tiny_config()
+    config.contrastive.objective = "siglip"
+    model = SCALE(config)
+    losses = model.losses(model(random_batch(config, all_patterns()), masked_modeling=True))
+    losses["contrastive"].backward()
+    assert model.logit_bias.item() == config.contrastive.siglip_bias
+    assert model.logit_bias.grad is not None and model.logit_bias.grad.abs() > 0
+    infonce = SCALE(tiny_config())
+    assert set(dict(model.named_parameters())) - set(dict(infonce.named_parameters())) == {"logit_bias"}
