@@ -109,6 +109,11 @@ class _ModelSettings:
     """Modality weights."""
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
     """Inter-modality contrastive loss."""
+    pack_tokens: bool = True
+    """Pay only for present tokens: each encoder runs on the samples that have its modality, and
+    the fusion runs in length buckets without absent segments and padding (`scale/packing.py`).
+    The same outputs and gradients as the padded computation (false), faster on batches with
+    missing modalities or short titles; outputs at absent and padding positions are zeros."""
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.modalities if m not in MODALITIES]

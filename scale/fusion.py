@@ -5,6 +5,9 @@ modality-type embedding and learned positions are added, and one transformer run
 A key is attended only if it is a real token of a *present* modality: absent modalities and padding
 get exactly zero attention weight (the official code zero-fills absent video/audio and lets those
 zeros be attended). The output is split back into per-modality segments.
+
+With `packed` (the model's `pack_tokens`), absent segments and padding are not computed at all
+(`scale/packing.py`): their outputs are zeros instead of finite garbage; real tokens are the same.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ from scale.modalities.transformer import TokenTransformer
 
 
 class Fusion(nn.Module):
-    def __init__(self, config: FusionConfig, segment_lengths: dict[str, int]):
+    def __init__(self, config: FusionConfig, segment_lengths: dict[str, int], packed: bool = False):
         super().__init__()
+        self.packed = packed
         self.modalities = list(segment_lengths)
         self.segment_lengths = dict(segment_lengths)
         self.type_embedding = nn.Embedding(len(self.modalities), config.width)
@@ -40,5 +44,5 @@ class Fusion(nn.Module):
         if empty.any():
             rows = empty.nonzero().flatten().tolist()[:5]
             raise ValueError(f"fusion: samples {rows} have no present modality; the data pipeline must drop them")
-        fused = self.transformer(torch.cat(tokens, dim=1), key_mask)
+        fused = self.transformer(torch.cat(tokens, dim=1), key_mask, packed=self.packed)
         return dict(zip(self.modalities, fused.split([self.segment_lengths[m] for m in self.modalities], dim=1)))

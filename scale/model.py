@@ -33,7 +33,7 @@ from scale.fusion import Fusion
 from scale.harmonization import harmonization_weights, pair_mask, rescale_to_unit_mean
 from scale.losses import contrastive_loss
 from scale.modalities import build_modalities
-from scale.modalities.base import Masked
+from scale.modalities.base import Encoded, Masked
 
 TRANSFORMER_BLOCKS: tuple[type[nn.Module], ...] = (Block, BertLayer)
 """The repeated layers of every trunk (timm blocks: image, video, audio, fusion; BERT layers: text
@@ -59,7 +59,8 @@ class SCALE(nn.Module):
         super().__init__()
         self.config = config
         self.encoders = build_modalities(config, load_weights=load_weights)
-        self.fusion = Fusion(config.fusion, {name: enc.num_tokens for name, enc in self.encoders.items()})
+        lengths = {name: enc.num_tokens for name, enc in self.encoders.items()}
+        self.fusion = Fusion(config.fusion, lengths, packed=config.pack_tokens)
         # Official projection: width -> projection_dim -> ReLU, then L2 normalisation.
         self.projections = nn.ModuleDict(
             {
@@ -115,10 +116,24 @@ class SCALE(nn.Module):
             if corrupted is not None:
                 masked[name] = corrupted
                 inputs = corrupted.inputs
-            encoded[name] = modality.encode(inputs)
+            encoded[name] = self._encode(modality, inputs, present[name])
         fused = self.fusion(encoded, present)
         pooled = {name: enc.tokens[:, 0] for name, enc in encoded.items()}
         return SCALEOutput(present=present, pooled=pooled, fused=fused, masked=masked)
+
+    def _encode(self, modality: nn.Module, inputs: dict[str, Tensor], present: Tensor) -> Encoded:
+        """The modality's tokens; with `pack_tokens`, computed for the samples that have it only
+        (zeros elsewhere; the fusion masks those samples' segments out anyway)."""
+        if not self.config.pack_tokens or bool(present.all()):
+            return modality.encode(inputs)
+        rows = present.nonzero().flatten()
+        if rows.numel() == 0:  # still one row through the encoder: every parameter gets a gradient (DDP)
+            rows = rows.new_zeros(1)
+        encoded = modality.encode({key: value[rows] for key, value in inputs.items()})
+        tokens = encoded.tokens.new_zeros((present.shape[0], *encoded.tokens.shape[1:]))
+        token_mask = encoded.token_mask.new_zeros((present.shape[0], *encoded.token_mask.shape[1:]))
+        return Encoded(tokens=tokens.index_copy(0, rows, encoded.tokens),
+                       token_mask=token_mask.index_copy(0, rows, encoded.token_mask))
 
     def harmonize(self, pooled: Tensor, present: Tensor, pairs: bool) -> Tensor:
         """Harmonization weights of (B, M, D) pooled vectors as the config asks: the (B, M, M) pair

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from scale.modalities.base import Encoded
 from scale.modalities.spec import TrunkConfig
+from scale.packing import run_bucketed
 
 
 class TokenTransformer(nn.Module):
@@ -26,11 +27,17 @@ class TokenTransformer(nn.Module):
         )
         self.norm = nn.LayerNorm(width)
 
-    def forward(self, tokens: Tensor, token_mask: Tensor) -> Tensor:
-        """tokens (B, L, width); token_mask (B, L) bool, True = real token (every row needs one)."""
+    def forward(self, tokens: Tensor, token_mask: Tensor, packed: bool = False) -> Tensor:
+        """tokens (B, L, width); token_mask (B, L) bool, True = real token (every row needs one).
+        `packed`: run in length buckets (`scale/packing.py`), padding costs nothing and its outputs
+        are zeros; otherwise padded (its outputs are finite but meaningless)."""
         x = tokens + self.position[:, : tokens.shape[1]]
+        if packed:
+            return run_bucketed(self._layers, x, token_mask)
         # (B, 1, 1, L): every query may attend to every real key; padding keys get zero weight.
-        attn_mask = token_mask[:, None, None, :]
+        return self._layers(x, token_mask[:, None, None, :])
+
+    def _layers(self, x: Tensor, attn_mask: Tensor | None) -> Tensor:
         for block in self.blocks:
             x = block(x, attn_mask=attn_mask)
         return self.norm(x)
