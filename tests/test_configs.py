@@ -75,3 +75,34 @@ def test_missing_shard_folder_is_a_one_line_error(tmp_path):
 def test_modalities_validated():
     with pytest.raises(ValueError, match="smell"):
         ModelConfig(modalities=["text", "smell"])
+
+
+def test_features_config_has_the_official_sizes_and_runs_video_through_the_image_layers():
+    """configs/m5product_features.yaml as the official model: region/video/audio trunks with 8 heads
+    and MLP 1024, video through the image's trunk; the option off gives video its own."""
+    from scale.model import SCALE
+
+    declared = yaml.safe_load((ROOT / "configs" / "m5product_features.yaml").read_text())["model"]["config"]
+    config = ModelConfig.from_dict(declared)
+    for name in ("image", "video", "audio"):
+        section = getattr(config, name)
+        assert section.heads == 8 and int(section.hidden * section.mlp_ratio) == 1024, name
+    shared = SCALE(config, load_weights=False)
+    assert shared.encoders["video"].trunk is shared.encoders["image"].trunk
+    config.video.share_image_trunk = False
+    separate = SCALE(config, load_weights=False)
+    assert separate.encoders["video"].trunk is not separate.encoders["image"].trunk
+    count = lambda model: sum(p.numel() for p in model.parameters())  # noqa: E731 (shared counted once)
+    trunk = sum(p.numel() for p in separate.encoders["video"].trunk.parameters())
+    assert count(separate) - count(shared) == trunk  # 36 regions: the image's positions already cover 12 clips
+
+
+def test_sharing_the_image_trunk_needs_region_features_and_equal_sizes():
+    from tests.conftest import tiny_config
+
+    with pytest.raises(ValueError, match="needs the image modality with image.stem regions"):
+        from scale.model import SCALE
+
+        config = tiny_config()
+        config.video.share_image_trunk = True
+        SCALE(config)

@@ -22,7 +22,7 @@ from scale.modalities.base import BuildContext, Encoded, Masked, Modality, Tenso
 from scale.modalities.image import BOX_DIM, BOXES, IMAGE, REGIONS, TIMM_FOLDER, ImageConfig
 from scale.modalities.masking import MaskedRegression, after_pooled_token, mask_slots
 from scale.modalities.spec import DecodeContext, RawSample
-from scale.modalities.transformer import MeanTokenTrunk
+from scale.modalities.transformer import MeanTokenTrunk, image_trunk
 
 TIMM_ARCHITECTURE = "vit_base_patch16_224"
 """The timm registry name the `pixels` ViT is recreated under (`timm_image/config.json`): every
@@ -173,7 +173,7 @@ class RegionStem(Modality):
     stem = "regions"
     reads = (REGIONS, BOXES)
 
-    def __init__(self, config: ImageConfig, width: int):
+    def __init__(self, config: ImageConfig, width: int, trunk: MeanTokenTrunk | None = None):
         super().__init__()
         self.config = config
         if config.pretrained is not None:
@@ -181,8 +181,12 @@ class RegionStem(Modality):
         self.region_embed = nn.Linear(config.region_dim, config.hidden)
         self.box_embed = nn.Linear(BOX_DIM, config.hidden)
         self.norm = nn.LayerNorm(config.hidden)
-        self.trunk = MeanTokenTrunk(config, config.max_regions, width)
+        self.trunk = trunk or MeanTokenTrunk(config, config.max_regions, width)
         self.head = MaskedRegression(width, config.region_dim)
+
+    @classmethod
+    def build(cls, context: BuildContext) -> "RegionStem":
+        return cls(context.config.image, context.width, image_trunk(context))
 
     @classmethod
     def tensors(cls, config: ImageConfig) -> dict[str, TensorSpec]:

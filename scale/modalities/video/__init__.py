@@ -44,6 +44,11 @@ class VideoConfig(TrunkConfig):
     (`<key>.video.npy`, T x `feature_dim`, the first `frames` used)."""
     feature_dim: int = 1024
     """Clip feature width (official S3D: 1024)."""
+    share_image_trunk: bool = False
+    """Run the video tokens through the image's transformer trunk instead of a trunk of their own,
+    as the official model runs video through the image encoder's layers (`image.stem regions`
+    only, with the same hidden, layers, heads and mlp_ratio; each keeps its own input embedding
+    and masked-modeling head)."""
     frames: int = 12
     """Frames sampled per video (official: 12 one-per-second clip features)."""
     size: int = 112

@@ -8,10 +8,10 @@ from torch import Tensor, nn
 
 from scale.media.arrays import load_npy, pad_rows
 from scale.media.video import read_frames
-from scale.modalities.base import Encoded, Masked, Modality, TensorSpec, first_slots_real
+from scale.modalities.base import BuildContext, Encoded, Masked, Modality, TensorSpec, first_slots_real
 from scale.modalities.masking import MaskedRegression, after_pooled_token, mask_slots
 from scale.modalities.spec import DecodeContext, RawSample
-from scale.modalities.transformer import MeanTokenTrunk
+from scale.modalities.transformer import MeanTokenTrunk, image_trunk
 from scale.modalities.video import CLIP_FEATURES, VIDEO, VideoConfig
 
 class VideoStem(Modality):
@@ -26,6 +26,13 @@ class VideoStem(Modality):
         self.embed = embed
         self.trunk = MeanTokenTrunk(config, config.frames, width)
         self.head = MaskedRegression(width, target_dim)
+
+    @classmethod
+    def build(cls, context: BuildContext) -> "VideoStem":
+        stem = cls(context.config.video, context.width)
+        if context.config.video.share_image_trunk:
+            stem.trunk = image_trunk(context)  # the image's, built before (canonical order)
+        return stem
 
     @property
     def num_tokens(self) -> int:
