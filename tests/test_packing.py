@@ -49,8 +49,9 @@ def test_packed_transformer_equals_padded_on_real_tokens_and_zeros_elsewhere():
 
 
 def test_packed_model_gives_the_padded_losses_and_gradients():
-    """The whole model on every missing-modality pattern with masked modelling: each encoder sees
-    only its present samples and the fusion runs in buckets, yet every loss and every parameter's
+    """The whole model on every missing-modality pattern with masked modelling and titles / tables
+    of every length: each encoder sees only its present samples, BERT and the fusion run in
+    buckets, yet every loss and every parameter's
     gradient equal the padded run's (eval mode: dropout would draw per batch shape)."""
     results = {}
     for packed in (True, False):
@@ -61,6 +62,11 @@ def test_packed_model_gives_the_padded_losses_and_gradients():
         torch.manual_seed(1)
         batch = random_batch(config, all_patterns())
         batch = {m: {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()} for m, inputs in batch.items()}
+        for name in ("text", "table"):  # titles and tables of every length: right padding
+            mask = batch[name]["attention_mask"]
+            lengths = torch.randint(2, mask.shape[1] + 1, (mask.shape[0],))
+            mask[torch.arange(mask.shape[1])[None, :] >= lengths[:, None]] = 0
+            batch[name]["input_ids"][mask == 0] = 0
         torch.manual_seed(2)
         losses = model.losses(model(batch, masked_modeling=True))
         grads = torch.autograd.grad(losses["loss"], list(model.parameters()), allow_unused=True)

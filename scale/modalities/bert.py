@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import BertConfig, BertModel
 
+from scale.packing import length_buckets
 from scale.pretrained_paths import resolve
 
 
@@ -30,8 +31,10 @@ class BertTower(nn.Module):
         vocab_size: int,
         width: int,
         load_weights: bool = True,
+        packed: bool = False,
     ):
         super().__init__()
+        self.packed = packed
         if pretrained is not None:
             path = resolve(pretrained)
             if load_weights:
@@ -67,10 +70,25 @@ class BertTower(nn.Module):
         return self.bert.parameters()
 
     def encode(self, input_ids: Tensor, attention_mask: Tensor, token_type: int) -> Tensor:
-        """(B, L) ids -> (B, L, width) tokens."""
+        """(B, L) ids -> (B, L, width) tokens. `packed`: rows in length buckets, each cut to its
+        longest real sequence (positions count from 0, so the cut changes nothing for real tokens);
+        outputs past a row's last real token are zeros."""
+        if not self.packed:
+            return self.project(self._bert(input_ids, attention_mask, token_type))
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        ends = ((positions + 1) * attention_mask.bool()).amax(dim=1).tolist()  # last real token + 1
+        out = None
+        for bucket in length_buckets(ends):
+            rows, end = torch.tensor(bucket, device=input_ids.device), ends[bucket[0]]
+            hidden = self.project(self._bert(input_ids[rows, :end], attention_mask[rows, :end], token_type))
+            if out is None:
+                out = hidden.new_zeros(input_ids.shape[0], input_ids.shape[1], hidden.shape[-1])
+            out = out.index_put((rows[:, None], positions[None, :end]), hidden)
+        return out
+
+    def _bert(self, input_ids: Tensor, attention_mask: Tensor, token_type: int) -> Tensor:
         token_type_ids = torch.full_like(input_ids, token_type)
-        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
-        return self.project(hidden)
+        return self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
 
     def lm_logits(self, fused: Tensor) -> Tensor:
         """(N, width) fused tokens at masked positions only -> (N, vocab) logits.

@@ -77,6 +77,7 @@ class TableModality(BertModality):
             tower = BertTower(
                 pretrained=None, hidden=config.table.hidden, layers=config.table.layers, heads=config.table.heads,
                 mlp=config.table.mlp, max_tokens=config.table.max_tokens, vocab_size=len(tokenizer), width=context.width,
+                packed=config.pack_tokens,
             )  # fmt: skip
         return cls(config.table, tower, special_token_ids(tokenizer), len(tokenizer))
 

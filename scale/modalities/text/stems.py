@@ -44,6 +44,7 @@ def text_tower(context: BuildContext) -> BertTower:
             pretrained=config.text.pretrained, hidden=config.text.hidden, layers=config.text.layers,
             heads=config.text.heads, mlp=config.text.mlp, vocab_size=len(tokenizer), width=context.width,
             max_tokens=max(config.text.max_tokens, config.table.max_tokens), load_weights=context.load_weights,
+            packed=config.pack_tokens,
         )  # fmt: skip
 
     return context.share("text_tower", build)
