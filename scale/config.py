@@ -169,6 +169,9 @@ class OptimizerConfig:
     """Share of `max_steps` spent in linear warmup (official: 10 %)."""
     schedule: Literal["linear", "cosine"] = "linear"
     """Decay after warmup (official: linear)."""
+    fused: bool | None = None
+    """AdamW's fused kernel (one kernel over all parameters). None: on when every parameter is on
+    a CUDA device, off on CPU (where PyTorch's default multi-tensor loop is used)."""
 
     BOUNDS = {"lr": POSITIVE, "pretrained_lr": AT_LEAST_0, "weight_decay": AT_LEAST_0, "betas": BELOW_1,
               "warmup_ratio": SHARE}  # fmt: skip

@@ -51,7 +51,11 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig, max_steps: int) -
     if max_steps <= 0:
         raise ValueError("trainer.max_steps must be set (> 0), or trainer.max_epochs with data.mode=exact: "
                          "the schedule needs a length and a resampled stream is infinite")
-    optimizer = AdamW(parameter_groups(model, config), betas=config.betas)
+    groups = parameter_groups(model, config)
+    fused = config.fused
+    if fused is None:
+        fused = all(p.is_cuda for group in groups for p in group["params"])
+    optimizer = AdamW(groups, betas=config.betas, fused=fused or None)
     warmup = int(config.warmup_ratio * max_steps)
     make = get_linear_schedule_with_warmup if config.schedule == "linear" else get_cosine_schedule_with_warmup
     return optimizer, make(optimizer, num_warmup_steps=warmup, num_training_steps=max_steps)

@@ -53,3 +53,39 @@ def test_schedule_warms_up_then_decays():
         optimizer.step()
         scheduler.step()
     assert lrs[0] == 0.0 and max(lrs) == lrs[10] == 1e-3 and lrs[-1] < 2e-5
+
+
+def test_fused_adamw_only_where_every_parameter_is_on_cuda():
+    model = SCALE(tiny_config())
+    optimizer, _ = build_optimizer(model, OptimizerConfig(), max_steps=10)
+    assert not optimizer.defaults["fused"]  # CPU: PyTorch's default loop
+    assert not build_optimizer(model, OptimizerConfig(fused=False), 10)[0].defaults["fused"]
+
+
+def test_activation_checkpointing_keeps_losses_gradients_and_checkpoint_keys():
+    """`SCALEModule(activation_checkpointing=True)` wraps every transformer block: the same loss
+    and gradients (blocks recomputed in the backward), the same state-dict keys (exports load)."""
+    import torch
+
+    from scale.module import SCALEModule
+    from tests.test_model import all_patterns, random_batch
+
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        module = SCALEModule(tiny_config(), activation_checkpointing=checkpointing)
+        module.configure_model()
+        module.model.eval()  # no dropout: the recomputation must see the same numbers
+        torch.manual_seed(1)
+        batch = random_batch(module.config, all_patterns())
+        torch.manual_seed(2)
+        loss = module.model(batch, masked_modeling=True, returns="losses")["loss"]
+        loss.backward()
+        results.append((module, loss))
+    (plain, plain_loss), (wrapped, wrapped_loss) = results
+    assert any(type(m).__name__ == "CheckpointWrapper" for m in wrapped.model.modules())
+    assert plain.state_dict().keys() == wrapped.state_dict().keys()
+    torch.testing.assert_close(wrapped_loss, plain_loss)
+    for (name, a), b in zip(plain.model.named_parameters(), wrapped.model.parameters()):
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
