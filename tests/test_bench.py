@@ -71,3 +71,29 @@ def test_retrieval_benchmark_small_gallery():
     extra = float(re.search(r"memory beyond the embeddings: ([\d.]+) GiB", run.stdout)[1])
     assert extra < 0.6, run.stdout
     assert "300 queries" in run.stdout and re.search(r"mAP@1/5/10 0\.\d+", run.stdout)
+
+
+def test_performance_benchmark_quick_run(tmp_path):
+    """`bench/performance.py --quick` (the peer and feed benchmarks need open_clip and the media
+    cache: `make bench` runs them): every figure is measured, finite and printed."""
+    import json
+    import math
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "performance.py"), "--quick", "--out", str(tmp_path),
+                          "--only", "utilisation,overhead,contrastive,absent"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    for heading in ("1. utilisation", "2. framework overhead", "4. contrastive loss", "5. absent modalities"):
+        assert heading in run.stdout
+    results = json.loads((tmp_path / "results.json").read_text())
+    for row in results["utilisation"]["models"].values():
+        assert row["gflops_per_sample"] > 0 and 0 < row["utilisation"] < 1.5
+    assert math.isfinite(results["overhead"]["overhead"])
+    assert {(r["global_batch"], r["chunk"]) for r in results["contrastive"]["rows"]} == {(256, "autograd"), (256, None), (256, 256)}
+    rows = results["absent"]["rows"]
+    assert "M5Product-like" in rows and all(r["packed"] > 0 and r["padded"] > 0 for r in rows.values())
+    # Counted FLOPs are exact: packing computes less wherever something is absent, never more.
+    assert all(r["packed_gflops"] <= r["padded_gflops"] * 1.0001 for r in rows.values())
+    assert rows["80 % missing video+audio"]["packed_gflops"] < 0.9 * rows["80 % missing video+audio"]["padded_gflops"]

@@ -1,0 +1,476 @@
+"""Training-step performance, each figure measured side by side in one run (`make bench`).
+
+    python bench/performance.py                    # every benchmark, about 15 min on 2 CPU cores
+    python bench/performance.py --only absent      # one (utilisation, overhead, peer, contrastive, absent, feed)
+    python bench/performance.py --quick            # tiny sizes: checks the script runs (tests/test_bench.py)
+
+1. utilisation: training-step throughput of configs/base.yaml and configs/m5product_features.yaml,
+   the FLOPs of a step counted by `torch.utils.flop_counter` (forward + backward, masked modelling
+   on), against a large matmul in the same dtype timed in the same run: fp32 on CPU, bf16 on a GPU.
+2. overhead: the same model and batches stepped by a plain PyTorch loop and by `SCALEModule` under a
+   Lightning `Trainer` (logging, hooks, optimizer wrapper); target <= 5 %.
+3. peer: the image-text subset against open_clip's training step at matched tower sizes, batch and
+   precision (`open-clip-torch` from PyPI, installed into the venv by this benchmark only).
+4. contrastive: time and peak memory of the inter-modality loss on 2 processes as the global batch
+   doubles, in blocks of queries (`contrastive.chunk_size`) and in one block.
+5. absent: step time of the features config with 0/20/50/80 % of samples missing video and audio,
+   and on M5Product-like batches, packed (`pack_tokens`) and padded; target: an absent modality
+   costs at most 10 % of a present one.
+6. feed: CPU cores per GPU needed to feed configs/base.yaml from raw media (bench/data.py).
+
+Writes `<out>/results.json`; docs/performance.md holds the latest table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from scale.config import ModelConfig, OptimizerConfig  # noqa: E402
+from scale.model import SCALE  # noqa: E402
+from scale.modalities import stem_class  # noqa: E402
+
+BENCHMARKS = ("utilisation", "overhead", "peer", "contrastive", "absent", "feed")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+BF16 = DEVICE.type == "cuda"
+
+
+# ---- helpers ----------------------------------------------------------------------------------------
+def model_config(name: str, **overrides: Any) -> ModelConfig:
+    data = yaml.safe_load((ROOT / "configs" / name).read_text())["model"]["config"]
+    for dotted, value in overrides.items():
+        section, _, key = dotted.partition(".")
+        if key:
+            data.setdefault(section, {})[key] = value
+        else:
+            data[section] = value
+    return ModelConfig.from_dict(data)
+
+
+def make_batch(config: ModelConfig, size: int, present: torch.Tensor | None = None,
+               lengths: dict[str, torch.Tensor] | None = None) -> dict:
+    """Random valid inputs from each stem's `example`; `present` (size, M) in config.modalities
+    order (default all); `lengths` gives text/table rows their real token counts (right padding)."""
+    batch: dict[str, Any] = {"key": [f"k{i}" for i in range(size)]}
+    for index, name in enumerate(config.modalities):
+        inputs = stem_class(config, name).example(getattr(config, name), size)
+        inputs["present"] = torch.ones(size, dtype=torch.bool) if present is None else present[:, index].clone()
+        if lengths and name in lengths:
+            pad = torch.arange(inputs["attention_mask"].shape[1])[None, :] >= lengths[name][:, None]
+            inputs["attention_mask"][pad] = 0
+            inputs["input_ids"][pad] = 0
+        batch[name] = {k: v.to(DEVICE) for k, v in inputs.items()}
+    return batch
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def train_step(model: SCALE, optimizer: torch.optim.Optimizer, batch: dict) -> None:
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=BF16):
+        loss = model(batch, masked_modeling=True, returns="losses")["loss"]
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def seconds_per_call(fn: Callable[[], None], repeats: int, warmup: int = 1) -> float:
+    """Best wall seconds of `fn` over `repeats` calls after `warmup` (the best, not the median: on
+    a shared machine other work only ever adds time)."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def build(config: ModelConfig) -> tuple[SCALE, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = SCALE(config, load_weights=False).to(DEVICE).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=DEVICE.type == "cuda")
+    return model, optimizer
+
+
+def step_flops(model: SCALE, batch: dict) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=BF16):
+        model(batch, masked_modeling=True, returns="losses")["loss"].backward()
+    model.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+def matmul_peak(size: int, repeats: int) -> float:
+    """FLOP/s of a (size x size) @ (size x size) matmul in the training dtype."""
+    dtype = torch.bfloat16 if BF16 else torch.float32
+    a, b = (torch.randn(size, size, device=DEVICE, dtype=dtype) for _ in range(2))
+    return 2 * size**3 / seconds_per_call(lambda: a @ b, repeats, warmup=2)
+
+
+# ---- 1. utilisation ---------------------------------------------------------------------------------
+def utilisation(args: argparse.Namespace) -> dict:
+    peak = matmul_peak(512 if args.quick else (8192 if BF16 else 2048), 3 if args.quick else 10)
+    rows = {}
+    for name in ("base.yaml", "m5product_features.yaml"):
+        config = model_config(name) if not args.quick else tiny(name)
+        model, optimizer = build(config)
+        batch = make_batch(config, args.batch)
+        flops = step_flops(model, batch)
+        seconds = seconds_per_call(lambda: train_step(model, optimizer, batch), args.steps)
+        rows[name] = {"batch": args.batch, "gflops_per_sample": flops / args.batch / 1e9,
+                      "samples_per_s": args.batch / seconds, "utilisation": flops / seconds / peak}
+        del model, optimizer
+    return {"peak_tflops": peak / 1e12, "dtype": "bf16" if BF16 else "fp32", "models": rows}
+
+
+def tiny(name: str) -> ModelConfig:
+    """--quick: the test-sized model with the named config's stems."""
+    stems = {"m5product_features.yaml": {"image.stem": "regions", "video.stem": "features", "audio.stem": "features"}}
+    return model_config("test_tiny.yaml", **stems.get(name, {}))
+
+
+# ---- 2. framework overhead --------------------------------------------------------------------------
+def overhead(args: argparse.Namespace) -> dict:
+    import lightning as L
+
+    from scale.module import SCALEModule
+
+    config = model_config("test_tiny.yaml" if args.quick else "smoke.yaml")
+    batches = [make_batch(config, args.overhead_batch) for _ in range(4)]
+    steps, rounds = args.steps * 4, 1 if args.quick else 3
+
+    class StepTimes(L.Callback):
+        def __init__(self) -> None:
+            self.starts: list[float] = []
+
+        def on_train_batch_start(self, *_: Any) -> None:
+            sync()
+            self.starts.append(time.perf_counter())
+
+    model, optimizer = build(config)
+    torch.manual_seed(0)
+    module = SCALEModule(config, OptimizerConfig(lr=1e-5, warmup_ratio=0.0))
+    plain, lightning = [], []
+    # Alternating rounds, best step of each: the machine's speed drifts more than the difference.
+    for _ in range(rounds):
+        cycle = iter(batches * (steps + 2))
+        plain.append(seconds_per_call(lambda: train_step(model, optimizer, next(cycle)), steps, warmup=4))
+        times = StepTimes()
+        trainer = L.Trainer(max_steps=steps + 4, accelerator=DEVICE.type, devices=1, logger=False, callbacks=[times],
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            precision="bf16-mixed" if BF16 else "32-true", log_every_n_steps=10)  # fmt: skip
+        trainer.fit(module, torch.utils.data.DataLoader(batches * ((steps + 4) // 4 + 1), batch_size=None))
+        lightning.append(min(b - a for a, b in zip(times.starts[4:], times.starts[5:])))
+    return {"config": "test_tiny.yaml" if args.quick else "smoke.yaml", "batch": args.overhead_batch,
+            "plain_s_per_step": min(plain), "lightning_s_per_step": min(lightning),
+            "overhead": min(lightning) / min(plain) - 1}
+
+
+# ---- 3. peer: open_clip -----------------------------------------------------------------------------
+def peer(args: argparse.Namespace) -> dict:
+    try:
+        import open_clip
+    except ImportError:
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "open-clip-torch", "ftfy", "wcwidth"], check=True)
+        import open_clip
+    from open_clip.loss import ClipLoss
+
+    width, layers, heads, size, patch, text_len = (64, 2, 2, 32, 16, 16) if args.quick else (384, 6, 6, 224, 16, 36)
+    batch = args.peer_batch
+    clip_cfg = {
+        "embed_dim": 512,
+        "vision_cfg": {"image_size": size, "layers": layers, "width": width, "head_width": width // heads, "patch_size": patch, "mlp_ratio": 4.0},
+        "text_cfg": {"context_length": text_len, "vocab_size": 30522, "width": width, "heads": heads, "layers": layers, "mlp_ratio": 4.0},
+    }
+    torch.manual_seed(0)
+    clip = open_clip.CLIP(**clip_cfg).to(DEVICE).train()
+    clip_opt = torch.optim.AdamW(clip.parameters(), lr=1e-5, fused=DEVICE.type == "cuda")
+    loss_fn = ClipLoss()
+    images = torch.randn(batch, 3, size, size, device=DEVICE)
+    texts = torch.randint(1000, 5000, (batch, text_len), device=DEVICE)
+
+    def clip_step() -> None:
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=BF16):
+            image_features, text_features, scale = clip(images, texts)
+            loss = loss_fn(image_features, text_features, scale)
+        loss.backward()
+        clip_opt.step()
+        clip_opt.zero_grad(set_to_none=True)
+
+    # Ours at the same sizes: image ViT and text BERT of the same width/depth, contrastive only
+    # (no masked modelling, so both steps compute the same objective), fusion of one layer.
+    config = model_config(
+        "test_tiny.yaml", modalities=["text", "image"],
+        text={"max_tokens": text_len, "hidden": width, "layers": layers, "heads": heads, "mlp": 4 * width, "masked_modeling": False},
+        image={"size": size, "patch": patch, "hidden": width, "layers": layers, "heads": heads, "masked_modeling": False},
+        fusion={"width": width, "layers": 1, "heads": heads, "mlp": 4 * width, "dropout": 0.0},
+        contrastive={"projection_dim": 512},
+    )  # fmt: skip
+    model, optimizer = build(config)
+    ours_batch = make_batch(config, batch)
+    ours_batch["image"]["pixels"] = images
+    results = {}
+    for label, fn in (("open_clip", clip_step), ("scale", lambda: train_step(model, optimizer, ours_batch))):
+        if DEVICE.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        seconds = seconds_per_call(fn, args.steps)
+        memory = torch.cuda.max_memory_allocated() / 2**20 if DEVICE.type == "cuda" else None
+        results[label] = {"samples_per_s": batch / seconds, "peak_mib": memory}
+    parameters = {"open_clip": sum(p.numel() for p in clip.parameters()), "scale": sum(p.numel() for p in model.parameters())}
+    return {"batch": batch, "width": width, "layers": layers, "image_size": size, "text_tokens": text_len,
+            "parameters": parameters, **results,
+            "ratio": results["scale"]["samples_per_s"] / results["open_clip"]["samples_per_s"]}
+
+
+# ---- 4. contrastive scaling -------------------------------------------------------------------------
+def _autograd_contrastive(features: dict, present: dict, weights: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The loss as it was before `scale/pair_loss.py`: autograd over the full logits of every pair
+    and direction, all kept for the backward pass (the reference column)."""
+    from itertools import combinations
+
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from scale.losses import gather_no_grad, gather_with_grad
+
+    names, rank = list(features), dist.get_rank()
+    batch = len(next(iter(present.values())))
+    keys = {m: gather_with_grad(features[m]) for m in names}
+    key_present = {m: gather_no_grad(present[m]) for m in names}
+    labels = torch.arange(batch) + rank * batch
+    total = []
+    for (i, a), (j, b) in combinations(enumerate(names), 2):
+        valid = present[a] & present[b]
+        for (qi, q), (ki, k) in (((i, a), (j, b)), ((j, b), (i, a))):
+            logits = (features[q] @ keys[k].T) / temperature * weights[:, qi, ki, None]
+            logits = logits.masked_fill(~key_present[k][None, :], float("-inf"))
+            total.append(F.cross_entropy(logits[valid], labels[valid]))
+    return torch.stack(total).mean()
+
+
+def _contrastive_worker(rank: int, port: int, local: int, chunk: int | str | None, dim: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from scale.losses import contrastive_loss
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(rank)
+    names = ("text", "table", "image", "video", "audio")
+    leaves = {m: torch.randn(local, dim, requires_grad=True) for m in names}
+    present = {m: torch.rand(local) > 0.1 for m in names}
+    weights = torch.rand(local, 5, 5) + 0.5
+
+    def step() -> None:
+        features = {m: torch.nn.functional.normalize(v, dim=-1) for m, v in leaves.items()}
+        if chunk == "autograd":
+            loss = _autograd_contrastive(features, present, weights, 0.07)
+        else:
+            loss, _ = contrastive_loss(features, present, weights, 0.07, chunk_size=chunk)
+        loss.backward()
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB, the process's peak so far
+    step()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    seconds = seconds_per_call(step, 2, warmup=0)
+    if rank == 0:
+        Path(out).write_text(json.dumps({"seconds": seconds, "peak_growth_mib": (after - before) / 1024}))
+    dist.destroy_process_group()
+
+
+def contrastive(args: argparse.Namespace) -> dict:
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    rows = []
+    sizes = (256,) if args.quick else (1024, 2048, 4096)
+    for global_batch in sizes:
+        for index, chunk in enumerate(("autograd", None, 256)):
+            with tempfile.NamedTemporaryFile(suffix=".json") as out:
+                port = 29700 + (os.getpid() + global_batch // 64 + 7 * index) % 1000
+                mp.spawn(_contrastive_worker, args=(port, global_batch // 2, chunk, 256, out.name), nprocs=2, join=True)
+                rows.append({"global_batch": global_batch, "chunk": chunk, **json.loads(Path(out.name).read_text())})
+    return {"rows": rows, "dim": 256, "modalities": 5, "processes": 2}
+
+
+# ---- 5. absent modalities and M5Product-like batches ------------------------------------------------
+def absent(args: argparse.Namespace) -> dict:
+    base = tiny("m5product_features.yaml") if args.quick else model_config("m5product_features.yaml")
+    names = base.modalities
+    size = args.batch
+    generator = torch.Generator().manual_seed(0)
+
+    def missing_video_audio(share: float) -> torch.Tensor:
+        present = torch.ones(size, len(names), dtype=torch.bool)
+        count = round(share * size)
+        for m in ("video", "audio"):
+            present[:count, names.index(m)] = False
+        return present
+
+    def m5product_like() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """About 20 % of products missing at least one modality, 5 % with a single one; titles and
+        tables of spread lengths (M5Product's are mostly shorter than the limits)."""
+        present = torch.ones(size, len(names), dtype=torch.bool)
+        roll = torch.rand(size, generator=generator)
+        for row in range(size):
+            if roll[row] < 0.05:
+                present[row] = False
+                present[row, names.index("image")] = True
+            elif roll[row] < 0.20:
+                present[row, torch.randint(2, len(names), (1,), generator=generator)] = False
+        lengths = {m: torch.randint(getattr(base, m).max_tokens // 3, getattr(base, m).max_tokens + 1, (size,), generator=generator)
+                   for m in ("text", "table")}  # fmt: skip
+        return present, lengths
+
+    cases = {f"{int(share * 100)} % missing video+audio": (missing_video_audio(share), None) for share in (0.0, 0.2, 0.5, 0.8, 1.0)}
+    cases["M5Product-like"] = m5product_like()
+    rows: dict[str, dict[str, float]] = {}
+    for packed in (True, False):
+        config = model_config("m5product_features.yaml", pack_tokens=packed) if not args.quick else tiny("m5product_features.yaml")
+        config.pack_tokens = packed
+        model, optimizer = build(config)
+        mode = "packed" if packed else "padded"
+        for label, (present, lengths) in cases.items():
+            batch = make_batch(config, size, present, lengths)
+            row = rows.setdefault(label, {})
+            row[f"{mode}_gflops"] = step_flops(model, batch) / 1e9
+            row[mode] = seconds_per_call(lambda: train_step(model, optimizer, batch), args.steps)
+        del model, optimizer
+    # An absent modality's cost as a share of a present one's: the step's excess over the ideal
+    # (all-present minus the share of video+audio's cost, measured packed between 0 % and 100 %),
+    # in counted FLOPs (exact) and in seconds (noisy on a shared CPU).
+    for unit, suffix in (("flops", "_gflops"), ("time", "")):
+        full, none = rows["0 % missing video+audio"][f"packed{suffix}"], rows["100 % missing video+audio"][f"packed{suffix}"]
+        present_cost = full - none
+        for label, row in rows.items():
+            if label.endswith("video+audio") and not label.startswith(("0 ", "100 ")):
+                share = int(label.split()[0]) / 100
+                for mode in ("packed", "padded"):
+                    excess = row[f"{mode}{suffix}"] - (full - share * present_cost)
+                    row[f"absent_cost_{unit}_{mode}"] = excess / (share * present_cost) if present_cost > 0 else float("nan")
+    return {"batch": size, "rows": rows}
+
+
+# ---- 6. raw media feed ------------------------------------------------------------------------------
+def feed(args: argparse.Namespace) -> dict:
+    out = Path(args.out) / "feed"
+    command = [sys.executable, str(ROOT / "bench" / "data.py"), "--out", str(out)]
+    command += ["--quick"] if args.quick else ["--samples", "24", "--repeats", "1", "--video-compare", "4"]
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    results = json.loads((out / "results.json").read_text())
+    gpu = results["gpu"]
+    return {"cores_per_gpu": gpu["cores_per_gpu"], "gpu_samples_per_s": gpu["gpu_samples_per_s"],
+            "measured_gpu_rate": gpu["measured_gpu_rate"], "target": 16}
+
+
+# ---- report -----------------------------------------------------------------------------------------
+def report(results: dict) -> str:
+    lines = [f"machine: {results['machine']}"]
+    if "utilisation" in results:
+        u = results["utilisation"]
+        lines.append(f"\n1. utilisation ({u['dtype']}, measured matmul peak {u['peak_tflops'] * 1e3:.0f} GFLOP/s)")
+        for name, r in u["models"].items():
+            lines.append(f"  {name:26s} batch {r['batch']}: {r['samples_per_s']:.2f} samples/s, "
+                         f"{r['gflops_per_sample']:.1f} GFLOP/sample, {100 * r['utilisation']:.0f} % of peak")
+    if "overhead" in results:
+        o = results["overhead"]
+        lines.append(f"\n2. framework overhead ({o['config']}, batch {o['batch']}): plain loop {o['plain_s_per_step'] * 1e3:.0f} ms/step, "
+                     f"Lightning {o['lightning_s_per_step'] * 1e3:.0f} ms/step: {100 * o['overhead']:+.1f} % (target <= 5 %)")
+    if "peer" in results:
+        p = results["peer"]
+        mem = lambda r: f", peak {r['peak_mib']:.0f} MiB" if r["peak_mib"] else ""  # noqa: E731
+        lines.append(f"\n3. peer: image-text, width {p['width']} x {p['layers']} layers, {p['image_size']} px, batch {p['batch']}")
+        for label in ("open_clip", "scale"):
+            lines.append(f"  {label:10s} {p[label]['samples_per_s']:.1f} samples/s{mem(p[label])}, {p['parameters'][label] / 1e6:.1f} M parameters")
+        lines.append(f"  scale / open_clip: x{p['ratio']:.2f} (target >= 1.0)")
+    if "contrastive" in results:
+        c = results["contrastive"]
+        lines.append(f"\n4. contrastive loss, {c['processes']} processes, {c['modalities']} modalities, dim {c['dim']} (fwd + bwd per rank)")
+        lines.append("  (s per step and peak memory growth per rank; autograd: the full logits kept, as before blocks)")
+        lines.append(f"  {'global batch':>12s} {'autograd s':>11s} {'MiB':>7s} {'one block s':>12s} {'MiB':>7s} {'chunk 256 s':>12s} {'MiB':>7s}")
+        by = {(r["global_batch"], r["chunk"]): r for r in c["rows"]}
+        for n in sorted({r["global_batch"] for r in c["rows"]}):
+            cells = "".join(f" {by[(n, k)]['seconds']:{w}.3f} {by[(n, k)]['peak_growth_mib']:7.0f}"
+                            for k, w in (("autograd", 11), (None, 12), (256, 12)))
+            lines.append(f"  {n:12d}{cells}")
+    if "absent" in results:
+        a = results["absent"]
+        lines.append(f"\n5. absent modalities, features config, batch {a['batch']}: packed vs padded, GFLOP/step (counted) and s/step")
+        lines.append("  (absent cost: the share of a present video+audio's cost an absent one still costs; target <= 10 %)")
+        lines.append(f"  {'':30s} {'GFLOP packed':>12s} {'padded':>7s} {'s packed':>9s} {'padded':>7s}  {'speed-up':>8s}  absent cost (FLOPs; time)")
+        for label, r in a["rows"].items():
+            extra = ""
+            if "absent_cost_flops_packed" in r:
+                extra = (f"  packed {100 * r['absent_cost_flops_packed']:.0f} %; {100 * r['absent_cost_time_packed']:.0f} %, "
+                         f"padded {100 * r['absent_cost_flops_padded']:.0f} %; {100 * r['absent_cost_time_padded']:.0f} %")
+            lines.append(f"  {label:30s} {r['packed_gflops']:12.0f} {r['padded_gflops']:7.0f} {r['packed']:9.2f} {r['padded']:7.2f}"
+                         f"  x{r['padded'] / r['packed']:7.2f}{extra}")
+    if "feed" in results:
+        f = results["feed"]
+        rate = "measured" if f["measured_gpu_rate"] else "assumed"
+        cores = ", ".join(f"{k} {v:.0f}" for k, v in f["cores_per_gpu"].items())
+        lines.append(f"\n6. raw media feed: cores per GPU at {f['gpu_samples_per_s']:.0f} samples/s per GPU ({rate}): {cores} (target <= {f['target']})")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="outputs/bench-performance")
+    parser.add_argument("--only", default=",".join(BENCHMARKS), help=f"comma-separated subset of {','.join(BENCHMARKS)}")
+    parser.add_argument("--quick", action="store_true", help="tiny models and sizes (the test)")
+    parser.add_argument("--batch", type=int, help="batch of utilisation and absent (default 8; GPU 64; quick 4)")
+    parser.add_argument("--overhead-batch", type=int, default=32)
+    parser.add_argument("--peer-batch", type=int, help="default 16; GPU 256; quick 4")
+    parser.add_argument("--steps", type=int, help="timed steps per measurement, the best kept (default 5; quick 1)")
+    args = parser.parse_args(argv)
+    gpu = DEVICE.type == "cuda"
+    args.batch = args.batch or (4 if args.quick else 64 if gpu else 8)
+    args.peer_batch = args.peer_batch or (4 if args.quick else 256 if gpu else 16)
+    args.steps = args.steps or (1 if args.quick else 10 if gpu else 5)
+    if args.quick:
+        args.overhead_batch = 4
+    chosen = [b for b in args.only.split(",") if b]
+    unknown = sorted(set(chosen) - set(BENCHMARKS))
+    if unknown:
+        parser.error(f"--only: unknown {unknown}; choose from {BENCHMARKS}")
+    torch.set_num_threads(os.cpu_count() or 1)
+    machine = torch.cuda.get_device_name() if gpu else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    results: dict[str, Any] = {"machine": machine, "torch": torch.__version__}
+    for name in chosen:
+        start = time.perf_counter()
+        results[name] = globals()[name](args)
+        results[name]["wall_s"] = time.perf_counter() - start
+        print(f"[{name}: {results[name]['wall_s']:.0f} s]", file=sys.stderr, flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    print(report(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()
