@@ -16,8 +16,10 @@ from scale.harmonization import harmonization_weights
 from scale.losses import contrastive_loss
 
 
-def reference_contrastive(features, present, weights, temperature):
-    """Loop-by-loop InfoNCE over pairs and directions, absent keys and queries excluded."""
+def reference_loss(features, present, weights, temperature, query_loss):
+    """Loop by loop over pairs, directions and valid queries (absent keys and queries excluded):
+    `query_loss(scores, own)` turns one query's scores {key index: weighted score} into its loss;
+    mean over a pair's valid queries, both directions averaged, then the pairs."""
     names = list(features)
     pair_losses = []
     for (i, a), (j, b) in combinations(enumerate(names), 2):
@@ -31,11 +33,18 @@ def reference_contrastive(features, present, weights, temperature):
                 w = 1.0 if weights is None else float(weights[n, qi, ki])
                 scores = {c: w * float(features[q][n] @ features[k][c]) / temperature
                           for c in range(len(present[k])) if present[k][c]}  # fmt: skip
-                log_denominator = math.log(sum(math.exp(s) for s in scores.values()))
-                total += log_denominator - scores[n]
+                total += query_loss(scores, n)
             directions.append(total / len(valid))
         pair_losses.append(sum(directions) / 2)
     return sum(pair_losses) / len(pair_losses)
+
+
+def reference_contrastive(features, present, weights, temperature):
+    """InfoNCE: -log softmax of the query's own key."""
+    def infonce(scores, own):
+        return math.log(sum(math.exp(s) for s in scores.values())) - scores[own]
+
+    return reference_loss(features, present, weights, temperature, infonce)
 
 
 def make_case(seed=0, batch=6, names=("text", "image", "audio")):
@@ -56,26 +65,12 @@ def test_contrastive_matches_reference(weighted):
 
 
 def reference_siglip(features, present, weights, temperature, bias):
-    """Loop-by-loop pairwise sigmoid loss: per query, -log sigmoid(+x) on its own key and
-    -log sigmoid(-x) on every other present key; mean over a pair's valid queries, both directions."""
-    names = list(features)
-    pair_losses = []
-    for (i, a), (j, b) in combinations(enumerate(names), 2):
-        valid = [n for n in range(len(present[a])) if present[a][n] and present[b][n]]
-        if not valid:
-            continue
-        directions = []
-        for (qi, q), (ki, k) in (((i, a), (j, b)), ((j, b), (i, a))):
-            total = 0.0
-            for n in valid:
-                w = 1.0 if weights is None else float(weights[n, qi, ki])
-                for c in range(len(present[k])):
-                    if present[k][c]:
-                        x = w * float(features[q][n] @ features[k][c]) / temperature + bias
-                        total += math.log1p(math.exp(-x if c == n else x))
-            directions.append(total / len(valid))
-        pair_losses.append(sum(directions) / 2)
-    return sum(pair_losses) / len(pair_losses)
+    """Pairwise sigmoid: -log sigmoid(+x) on the query's own key, -log sigmoid(-x) on every other
+    present key, x = score + bias."""
+    def siglip(scores, own):
+        return sum(math.log1p(math.exp(-(x + bias) if c == own else x + bias)) for c, x in scores.items())
+
+    return reference_loss(features, present, weights, temperature, siglip)
 
 
 def test_siglip_matches_reference():
