@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from scale.modalities.base import BuildContext, Encoded
+from scale.modalities.base import Encoded
 from scale.modalities.spec import TrunkConfig
 from scale.packing import run_bucketed
 
@@ -65,20 +65,3 @@ class MeanTokenTrunk(nn.Module):
         token_mask = F.pad(real, (1, 0), value=True)
         return Encoded(tokens=self.project(self.transformer(tokens, token_mask)), token_mask=token_mask)
 
-
-def image_trunk(context: BuildContext) -> MeanTokenTrunk:
-    """The image regions' trunk, built once per model. With `video.share_image_trunk` the video's
-    clip tokens run through the same layers (the official model runs video through the image
-    encoder), so its positions cover the longer of the two sequences; each modality keeps its own
-    input embedding and masked-modeling head."""
-    config = context.config
-    sharing = "video" in config.modalities and config.video.share_image_trunk
-    if sharing:
-        if "image" not in config.modalities or config.image.stem != "regions":
-            raise ValueError("model.config.video.share_image_trunk: needs the image modality with image.stem regions")
-        trunk_fields = ("hidden", "layers", "heads", "mlp_ratio")
-        differing = [f for f in trunk_fields if getattr(config.image, f) != getattr(config.video, f)]
-        if differing:
-            raise ValueError(f"model.config.video.share_image_trunk: video.{differing[0]} must equal image.{differing[0]} (one trunk)")
-    slots = max(config.image.max_regions, config.video.frames if sharing else 0)
-    return context.share("image_trunk", lambda: MeanTokenTrunk(config.image, slots, context.width))

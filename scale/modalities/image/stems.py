@@ -22,7 +22,7 @@ from scale.modalities.base import BuildContext, Encoded, Masked, Modality, Tenso
 from scale.modalities.image import BOX_DIM, BOXES, IMAGE, REGIONS, TIMM_FOLDER, ImageConfig
 from scale.modalities.masking import MaskedRegression, after_pooled_token, mask_slots
 from scale.modalities.spec import DecodeContext, RawSample
-from scale.modalities.transformer import MeanTokenTrunk, image_trunk
+from scale.modalities.transformer import MeanTokenTrunk
 
 TIMM_ARCHITECTURE = "vit_base_patch16_224"
 """The timm registry name the `pixels` ViT is recreated under (`timm_image/config.json`): every
@@ -166,6 +166,24 @@ class PixelStem(Modality):
 
     def masked_loss(self, fused_tokens: Tensor, masked: Masked, sample_weight: Tensor) -> Tensor:
         return self.head(fused_tokens, masked, sample_weight)
+
+
+def image_trunk(context: BuildContext) -> MeanTokenTrunk:
+    """The image regions' trunk, built once per model. With `video.share_image_trunk` the video's
+    clip tokens run through the same layers (the official model runs video through the image
+    encoder), so its positions cover the longer of the two sequences; each modality keeps its own
+    input embedding and masked-modeling head."""
+    config = context.config
+    sharing = "video" in config.modalities and config.video.share_image_trunk
+    if sharing:
+        if "image" not in config.modalities or config.image.stem != "regions":
+            raise ValueError("model.config.video.share_image_trunk: needs the image modality with image.stem regions")
+        trunk_fields = ("hidden", "layers", "heads", "mlp_ratio")
+        differing = [f for f in trunk_fields if getattr(config.image, f) != getattr(config.video, f)]
+        if differing:
+            raise ValueError(f"model.config.video.share_image_trunk: video.{differing[0]} must equal image.{differing[0]} (one trunk)")
+    slots = max(config.image.max_regions, config.video.frames if sharing else 0)
+    return context.share("image_trunk", lambda: MeanTokenTrunk(config.image, slots, context.width))
 
 
 class RegionStem(Modality):

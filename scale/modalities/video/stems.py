@@ -11,7 +11,8 @@ from scale.media.video import read_frames
 from scale.modalities.base import BuildContext, Encoded, Masked, Modality, TensorSpec, first_slots_real
 from scale.modalities.masking import MaskedRegression, after_pooled_token, mask_slots
 from scale.modalities.spec import DecodeContext, RawSample
-from scale.modalities.transformer import MeanTokenTrunk, image_trunk
+from scale.modalities.image.stems import image_trunk
+from scale.modalities.transformer import MeanTokenTrunk
 from scale.modalities.video import CLIP_FEATURES, VIDEO, VideoConfig
 
 class VideoStem(Modality):
