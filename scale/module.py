@@ -15,6 +15,7 @@ from scale import rng_state
 from scale.config import ModelConfig, OptimizerConfig, _from_dict
 from scale.metrics import retrieval_metrics
 from scale.model import SCALE
+from scale.packing import use_one_bucket
 
 VALIDATION_SEED = 20_240_601
 """The masks of every validation run are drawn from this seed (then training's generators are restored)."""
@@ -37,6 +38,12 @@ def validation_retrieval(embeddings: torch.Tensor, categories: torch.Tensor, ins
             if result["queries"] > 0:
                 out[f"val/{kind}_map@{k}"] = result[f"map@{k}"]
     return out
+
+
+def _zero_stage(strategy: Any) -> int | None:
+    """DeepSpeed's ZeRO stage of a Lightning DeepSpeedStrategy (None for any other strategy)."""
+    config = getattr(strategy, "config", None)
+    return config.get("zero_optimization", {}).get("stage") if isinstance(config, dict) else None
 
 
 class SCALEModule(L.LightningModule):
@@ -82,6 +89,10 @@ class SCALEModule(L.LightningModule):
         shard = getattr(strategy, "shard_model", None)
         if shard is not None:
             shard(self.model)
+        if shard is not None or _zero_stage(strategy) is not None:
+            # Sharded parameters (FSDP, ZeRO-3): every rank must call each module equally often.
+            # ZeRO-1/2 too, so that every DeepSpeed stage computes the very same numbers.
+            use_one_bucket(True)
         if self.compile_model:
             for module in (*self.model.encoders.values(), self.model.fusion):
                 module.compile(dynamic=True)

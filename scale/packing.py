@@ -25,10 +25,25 @@ import torch
 from torch import Tensor
 
 
+_ONE_BUCKET = False
+
+
+def use_one_bucket(flag: bool) -> None:
+    """One bucket per call from now on, in this process (absent segments and padding beyond the
+    batch's longest sample are still dropped). Strategies that shard the parameters (FSDP, ZeRO-3)
+    gather a module's weights on every call, so every rank must call each module equally often:
+    `SCALEModule.configure_model` sets this for them."""
+    global _ONE_BUCKET
+    _ONE_BUCKET = flag
+
+
 def length_buckets(lengths: list[int], max_padding: float = 0.1) -> list[list[int]]:
     """Sample indices grouped so that each group's padded size (count x longest) is at most
-    `1 + max_padding` times its real tokens; longest samples first."""
+    `1 + max_padding` times its real tokens; longest samples first (all in one under
+    `use_one_bucket`)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    if _ONE_BUCKET:
+        return [order] if order else []
     buckets: list[list[int]] = []
     real = 0
     for index in order:

@@ -55,7 +55,7 @@ def test_fsdp_on_two_cpu_processes_exports_the_same_from_sharded_and_full_checkp
     for kind, sharded in (("sharded", "true"), ("full", "false")):
         root = tmp_path / kind
         result = cli("fit", "--config", str(TINY_YAML), "--config", "configs/strategy/fsdp.yaml",
-                     "--trainer.strategy.init_args.sharded_checkpoint", sharded,
+                     "--trainer.strategy.init_args.sharded_checkpoint", sharded, "--model.config.pack_tokens", "false",
                      "--trainer.strategy.init_args.activation_checkpointing", "true",
                      "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--data.num_workers", "0",
                      "--data.train_shards", str(demo_shards["train"]), "--trainer.default_root_dir", str(root))  # fmt: skip
@@ -66,11 +66,14 @@ def test_fsdp_on_two_cpu_processes_exports_the_same_from_sharded_and_full_checkp
     assert exports["sharded"].keys() == exports["full"].keys()
     assert all(torch.equal(exports["sharded"][k], exports["full"][k]) for k in exports["full"])
 
-    # The same run under DDP trains the same model (up to the order of floating-point sums).
+    # The same run under DDP trains the same model (up to the order of floating-point sums). All
+    # three runs padded (pack_tokens false): packing runs length buckets under DDP but one bucket
+    # per call under FSDP (scale/packing.py), and dropout draws its masks per tensor shape, so
+    # packed runs of the two strategies train equally well but not bitwise alike.
     root = tmp_path / "ddp"
     result = cli("fit", "--config", str(TINY_YAML), "--config", "configs/strategy/ddp.yaml", "--trainer.accelerator", "cpu",
                  "--trainer.devices", "2", "--data.num_workers", "0", "--data.train_shards", str(demo_shards["train"]),
-                 "--trainer.default_root_dir", str(root))  # fmt: skip
+                 "--trainer.default_root_dir", str(root), "--model.config.pack_tokens", "false")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     ddp = weights(load_checkpoint_model(root / "checkpoints" / "last.ckpt"))
     for name, value in ddp.items():
