@@ -64,4 +64,3 @@ class MeanTokenTrunk(nn.Module):
         tokens = torch.cat([mean_token(embedded, real), embedded], dim=1)
         token_mask = F.pad(real, (1, 0), value=True)
         return Encoded(tokens=self.project(self.transformer(tokens, token_mask)), token_mask=token_mask)
-

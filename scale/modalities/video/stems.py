@@ -9,9 +9,9 @@ from torch import Tensor, nn
 from scale.media.arrays import load_npy, pad_rows
 from scale.media.video import read_frames
 from scale.modalities.base import BuildContext, Encoded, Masked, Modality, TensorSpec, first_slots_real
+from scale.modalities.image.stems import image_trunk
 from scale.modalities.masking import MaskedRegression, after_pooled_token, mask_slots
 from scale.modalities.spec import DecodeContext, RawSample
-from scale.modalities.image.stems import image_trunk
 from scale.modalities.transformer import MeanTokenTrunk
 from scale.modalities.video import CLIP_FEATURES, VIDEO, VideoConfig
 
@@ -21,19 +21,19 @@ class VideoStem(Modality):
 
     modality = "video"
 
-    def __init__(self, config: VideoConfig, width: int, embed: nn.Module, target_dim: int):
+    def __init__(self, config: VideoConfig, width: int, embed: nn.Module, target_dim: int,
+                 trunk: MeanTokenTrunk | None = None):
         super().__init__()
         self.config = config
         self.embed = embed
-        self.trunk = MeanTokenTrunk(config, config.frames, width)
+        self.trunk = trunk or MeanTokenTrunk(config, config.frames, width)
         self.head = MaskedRegression(width, target_dim)
 
     @classmethod
     def build(cls, context: BuildContext) -> "VideoStem":
-        stem = cls(context.config.video, context.width)
-        if context.config.video.share_image_trunk:
-            stem.trunk = image_trunk(context)  # the image's, built before (canonical order)
-        return stem
+        config = context.config.video
+        # The image's trunk (built before video in the canonical order) instead of one of its own.
+        return cls(config, context.width, image_trunk(context) if config.share_image_trunk else None)
 
     @property
     def num_tokens(self) -> int:
@@ -108,10 +108,11 @@ class FrameStem(VideoStem):
     reads = (VIDEO,)
     values = "frames"
 
-    def __init__(self, config: VideoConfig, width: int):
+    def __init__(self, config: VideoConfig, width: int, trunk: MeanTokenTrunk | None = None):
         if config.size % config.patch:
             raise ValueError(f"video.size {config.size} is not a multiple of video.patch {config.patch}")
-        super().__init__(config, width, PixelPatches(config.hidden, config.patch), target_dim=3 * config.target_grid**2)
+        super().__init__(config, width, PixelPatches(config.hidden, config.patch), target_dim=3 * config.target_grid**2,
+                         trunk=trunk)
 
     @classmethod
     def tensors(cls, config: VideoConfig) -> dict[str, TensorSpec]:
@@ -146,8 +147,9 @@ class ClipFeatureStem(VideoStem):
     reads = (CLIP_FEATURES,)
     values = "features"
 
-    def __init__(self, config: VideoConfig, width: int):
-        super().__init__(config, width, nn.Linear(config.feature_dim, config.hidden), target_dim=config.feature_dim)
+    def __init__(self, config: VideoConfig, width: int, trunk: MeanTokenTrunk | None = None):
+        super().__init__(config, width, nn.Linear(config.feature_dim, config.hidden), target_dim=config.feature_dim,
+                         trunk=trunk)
 
     @classmethod
     def tensors(cls, config: VideoConfig) -> dict[str, TensorSpec]:
