@@ -1,7 +1,7 @@
 """Training-step performance, each figure measured side by side in one run (`make bench`).
 
     python bench/performance.py                    # every benchmark, about 15 min on 2 CPU cores
-    python bench/performance.py --only absent      # one (utilisation, overhead, peer, contrastive, absent, feed)
+    python bench/performance.py --only absent      # one (utilisation, overhead, peer, contrastive, absent, feed, micro)
     python bench/performance.py --quick            # tiny sizes: checks the script runs (tests/test_bench.py)
 
 1. utilisation: training-step throughput of configs/base.yaml and configs/m5product_features.yaml,
@@ -17,6 +17,10 @@
    and on M5Product-like batches, packed (`pack_tokens`) and padded; target: an absent modality
    costs at most 10 % of a present one.
 6. feed: CPU cores per GPU needed to feed configs/base.yaml from raw media (bench/data.py).
+7. micro: the features config's training step with the batch in 1 and in 4 micro-batches
+   (`micro_batches`, the contrastive loss still over the whole batch): s/step and the peak memory
+   above weights, gradients and optimizer state (peak RSS on CPU, allocated on a GPU), each in a
+   fresh process.
 
 Writes `<out>/results.json`; docs/performance.md holds the latest table.
 """
@@ -44,7 +48,7 @@ from scale.config import ModelConfig, OptimizerConfig  # noqa: E402
 from scale.model import SCALE  # noqa: E402
 from scale.modalities import stem_class  # noqa: E402
 
-BENCHMARKS = ("utilisation", "overhead", "peer", "contrastive", "absent", "feed")
+BENCHMARKS = ("utilisation", "overhead", "peer", "contrastive", "absent", "feed", "micro")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BF16 = DEVICE.type == "cuda"
 
@@ -392,6 +396,53 @@ def feed(args: argparse.Namespace) -> dict:
             "measured_gpu_rate": gpu["measured_gpu_rate"], "target": 16}
 
 
+# ---- 7. micro-batches (feature cache) --------------------------------------------------------------
+def _peak_bytes() -> int:
+    if DEVICE.type == "cuda":
+        return torch.cuda.max_memory_allocated()
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def _micro_worker(rank: int, quick: bool, batch_size: int, micro_batches: int, steps: int, out: str) -> None:
+    torch.set_num_threads(os.cpu_count() or 1)
+    config = tiny("m5product_features.yaml") if quick else model_config("m5product_features.yaml")
+    config.micro_batches = micro_batches
+    model, optimizer = build(config)
+    batch = make_batch(config, batch_size)
+    # Gradients and AdamW's state exist before the measured steps: the peak above them is the step's.
+    for parameter in model.parameters():
+        parameter.grad = torch.zeros_like(parameter)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=False)
+    if DEVICE.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    before = _peak_bytes()
+
+    def step() -> None:
+        train_step(model, optimizer, batch)
+        for parameter in model.parameters():  # keep the gradients allocated (train_step frees them)
+            parameter.grad = torch.zeros_like(parameter) if parameter.grad is None else parameter.grad
+
+    seconds = seconds_per_call(step, steps, warmup=0)
+    Path(out).write_text(json.dumps({"seconds": seconds, "peak_mib": (_peak_bytes() - before) / 2**20}))
+
+
+def micro(args: argparse.Namespace) -> dict:
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    size = 4 if args.quick else args.micro_batch
+    rows = {}
+    for micro_batches in (1, 4):
+        with tempfile.NamedTemporaryFile(suffix=".json") as out:
+            mp.spawn(_micro_worker, args=(args.quick, size, micro_batches, 1 if args.quick else 2, out.name), nprocs=1, join=True)
+            rows[str(micro_batches)] = json.loads(Path(out.name).read_text())
+    return {"batch": size, "rows": rows, "memory": "allocated" if DEVICE.type == "cuda" else "peak RSS"}
+
+
 # ---- report -----------------------------------------------------------------------------------------
 def report(results: dict) -> str:
     lines = [f"machine: {results['machine']}"]
@@ -439,6 +490,12 @@ def report(results: dict) -> str:
         rate = "measured" if f["measured_gpu_rate"] else "assumed"
         cores = ", ".join(f"{k} {v:.0f}" for k, v in f["cores_per_gpu"].items())
         lines.append(f"\n6. raw media feed: cores per GPU at {f['gpu_samples_per_s']:.0f} samples/s per GPU ({rate}): {cores} (target <= {f['target']})")
+    if "micro" in results:
+        m = results["micro"]
+        one, four = m["rows"]["1"], m["rows"]["4"]
+        lines.append(f"\n7. micro-batches, features config, batch {m['batch']} ({m['memory']} above weights, gradients, optimizer state):")
+        lines.append(f"  1 piece: {one['seconds']:.2f} s/step, {one['peak_mib']:.0f} MiB; 4 pieces: {four['seconds']:.2f} s/step, "
+                     f"{four['peak_mib']:.0f} MiB: memory x{four['peak_mib'] / max(one['peak_mib'], 1e-9):.2f}, time x{four['seconds'] / one['seconds']:.2f}")
     return "\n".join(lines)
 
 
@@ -449,6 +506,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="tiny models and sizes (the test)")
     parser.add_argument("--batch", type=int, help="batch of utilisation and absent (default 8; GPU 64; quick 4)")
     parser.add_argument("--overhead-batch", type=int, default=32)
+    parser.add_argument("--micro-batch", type=int, default=32, help="batch of micro (default 32)")
     parser.add_argument("--peer-batch", type=int, help="default 16; GPU 256; quick 4")
     parser.add_argument("--steps", type=int, help="timed steps per measurement, the best kept (default 5; quick 1)")
     args = parser.parse_args(argv)

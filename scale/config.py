@@ -114,6 +114,14 @@ class _ModelSettings:
     the fusion runs in length buckets without absent segments and padding (`scale/packing.py`).
     The same outputs and gradients as the padded computation (false), faster on batches with
     missing modalities or short titles; outputs at absent and padding positions are zeros."""
+    micro_batches: int = 1
+    """Run the encoders and fusion over the batch in this many pieces, one after the other, each
+    under activation checkpointing, so memory holds one piece's activations; the contrastive loss
+    is still over the whole global batch, exactly (a feature cache, as open_clip's `--accum-freq`:
+    a large contrastive batch from small forward passes). Costs one more forward pass. The masked
+    losses are averaged over the pieces (as data parallelism averages them over ranks)."""
+
+    BOUNDS = {"micro_batches": AT_LEAST_1}
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.modalities if m not in MODALITIES]

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 from transformers.models.bert.modeling_bert import BertLayer
 
 from scale.config import ModelConfig
@@ -98,6 +99,8 @@ class SCALE(nn.Module):
         (`losses(outputs)`) or "embeddings" (`embed`). The training and evaluation steps ask for
         losses or embeddings through this one call: a sharded model (FSDP) gathers its root
         parameters (heads, projections) only for the duration of `forward`."""
+        if returns == "losses" and self.config.micro_batches > 1:
+            return self._micro_batched_losses(batch, masked_modeling)
         output = self._encode_and_fuse(batch, masked_modeling)
         if returns == "losses":
             return self.losses(output)
@@ -150,41 +153,95 @@ class SCALE(nn.Module):
 
     def losses(self, output: SCALEOutput) -> dict[str, Tensor]:
         """The training objective and its parts (every entry is loggable)."""
+        logs = self._contrastive_losses(self._contrastive_features(output.pooled), output.present)
+        masked = self._masked_losses(output)
+        logs.update(masked)
+        logs["loss"] = logs.get("contrastive", torch.zeros((), device=output.present[self.modalities[0]].device))
+        for name, value in masked.items():
+            if is_loss_term(name):
+                logs["loss"] = logs["loss"] + value
+        return logs
+
+    def _contrastive_features(self, pooled: dict[str, Tensor]) -> dict[str, Tensor]:
+        """modality -> (B, P) L2-normalised contrastive projection of its pre-fusion pooled vector."""
+        if not self.config.contrastive.enabled or len(self.modalities) < 2:
+            return {}
+        return {m: F.normalize(self.projections[m](pooled[m]).float(), dim=-1) for m in self.modalities}
+
+    def _contrastive_losses(self, features: dict[str, Tensor], present: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The contrastive loss over the whole (global) batch's `features`, with its logs; {} when off."""
+        if not features:
+            return {}
+        names = self.modalities
+        present_matrix = torch.stack([present[m] for m in names], dim=1)
+        pair_weights = self.harmonize(torch.stack([features[m] for m in names], dim=1), present_matrix, pairs=True)
+        logs = pair_weight_logs(pair_weights, present_matrix, names)
+        contrastive, per_pair = contrastive_loss(
+            features, present, pair_weights, self.temperature, self.config.harmonization.pair_weighting,
+            self.config.contrastive.objective, self.logit_bias, self.config.contrastive.chunk_size,
+        )  # fmt: skip
+        logs["contrastive"] = contrastive
+        logs["temperature"] = self.temperature.detach()
+        logs.update({f"contrastive/{pair}": value for pair, value in per_pair.items()})
+        return logs
+
+    def _masked_losses(self, output: SCALEOutput) -> dict[str, Tensor]:
+        """Each modality's masked-modeling loss and extra losses (`is_loss_term`), weighted per
+        sample by its post-fusion harmonization weight, and the mean weights (logs only)."""
+        if not output.masked:
+            return {}
         names = self.modalities
         present = torch.stack([output.present[m] for m in names], dim=1)
+        post_pooled = torch.stack([output.fused[m][:, 0] for m in names], dim=1)
+        task_weights = self.harmonize(post_pooled, present, pairs=False)
         logs: dict[str, Tensor] = {}
-        total = torch.zeros((), device=present.device)
+        for index, name in enumerate(names):
+            if name in output.masked:
+                modality, masked, weight = self.encoders[name], output.masked[name], task_weights[:, index]
+                if modality.config.masked_modeling:  # masking may exist for an extra loss only
+                    logs[f"masked/{name}"] = modality.masked_loss(output.fused[name], masked, weight)
+                for extra, value in modality.extra_losses(output.fused[name], masked, weight).items():
+                    logs[f"{name}/{extra}"] = value
+            if present[:, index].any():
+                logs[f"harmonization/{name}"] = task_weights[present[:, index], index].mean().detach()
+        return logs
 
-        if self.config.contrastive.enabled and len(names) > 1:
-            features = {m: F.normalize(self.projections[m](output.pooled[m]).float(), dim=-1) for m in names}
-            pair_weights = self.harmonize(torch.stack([features[m] for m in names], dim=1), present, pairs=True)
-            logs.update(pair_weight_logs(pair_weights, present, names))
-            contrastive, per_pair = contrastive_loss(
-                features, output.present, pair_weights, self.temperature, self.config.harmonization.pair_weighting,
-                self.config.contrastive.objective, self.logit_bias, self.config.contrastive.chunk_size,
-            )  # fmt: skip
-            total = total + contrastive
-            logs["contrastive"] = contrastive
-            logs["temperature"] = self.temperature.detach()
-            logs.update({f"contrastive/{pair}": value for pair, value in per_pair.items()})
-
-        if output.masked:
-            post_pooled = torch.stack([output.fused[m][:, 0] for m in names], dim=1)
-            task_weights = self.harmonize(post_pooled, present, pairs=False)
-            for index, name in enumerate(names):
-                if name in output.masked:
-                    modality, masked, weight = self.encoders[name], output.masked[name], task_weights[:, index]
-                    if modality.config.masked_modeling:  # masking may exist for an extra loss only
-                        masked_loss = modality.masked_loss(output.fused[name], masked, weight)
-                        total = total + masked_loss
-                        logs[f"masked/{name}"] = masked_loss
-                    for extra, value in modality.extra_losses(output.fused[name], masked, weight).items():
-                        total = total + value
-                        logs[f"{name}/{extra}"] = value
-                if present[:, index].any():
-                    logs[f"harmonization/{name}"] = task_weights[present[:, index], index].mean().detach()
+    def _micro_batched_losses(self, batch: Batch, masked_modeling: bool) -> dict[str, Tensor]:
+        """`losses` with the encoders and fusion run over `micro_batches` pieces of the batch, one
+        at a time, under activation checkpointing: each piece keeps only its contrastive features
+        and masked-loss values for the backward pass, which recomputes the piece's activations
+        (with the same masks and dropout: the checkpoint restores the random state). So memory
+        holds one piece's activations, while the contrastive loss is still the whole (global)
+        batch's, exactly: the large contrastive batch of open_clip's `--accum-freq` from small
+        forward passes, in one optimizer step. The masked losses are averaged over the pieces, as
+        data parallelism averages them over ranks."""
+        size = batch[self.modalities[0]]["present"].shape[0]
+        count = min(self.config.micro_batches, size)
+        pieces = [{m: {key: value.tensor_split(count)[k] for key, value in batch[m].items()} for m in self.modalities}
+                  for k in range(count)]  # fmt: skip
+        results = []
+        for piece in pieces:
+            if torch.is_grad_enabled():
+                results.append(checkpoint(self._piece_losses, piece, masked_modeling, use_reentrant=False))
+            else:
+                results.append(self._piece_losses(piece, masked_modeling))
+        features = {m: torch.cat([features[m] for features, _, _ in results]) for m in results[0][0]}
+        present = {m: torch.cat([present[m] for _, present, _ in results]) for m in self.modalities}
+        logs = self._contrastive_losses(features, present)
+        total = logs.get("contrastive", torch.zeros((), device=present[self.modalities[0]].device))
+        for name in dict.fromkeys(name for _, _, masked in results for name in masked):
+            values = [masked[name] for _, _, masked in results if name in masked]
+            if is_loss_term(name):  # every piece has the same terms (the config decides them)
+                logs[name] = torch.stack(values).sum() / count
+                total = total + logs[name]
+            else:
+                logs[name] = torch.stack(values).mean()
         logs["loss"] = total
         return logs
+
+    def _piece_losses(self, piece: Batch, masked_modeling: bool) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
+        output = self._encode_and_fuse(piece, masked_modeling)
+        return self._contrastive_features(output.pooled), output.present, self._masked_losses(output)
 
     @torch.no_grad()
     def embed(self, batch: Batch) -> dict[str, Tensor]:
@@ -215,6 +272,11 @@ class SCALE(nn.Module):
         embeddings["fused"] = fused
         embeddings["contrastive"] = contrastive
         return embeddings
+
+
+def is_loss_term(name: str) -> bool:
+    """Whether a `_masked_losses` entry is part of the objective (not a logged weight)."""
+    return not name.startswith("harmonization/")
 
 
 def pair_weight_logs(pair_weights: Tensor, present: Tensor, names: list[str]) -> dict[str, Tensor]:

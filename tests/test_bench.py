@@ -82,10 +82,10 @@ def test_performance_benchmark_quick_run(tmp_path):
     import sys
 
     run = subprocess.run([sys.executable, str(ROOT / "bench" / "performance.py"), "--quick", "--out", str(tmp_path),
-                          "--only", "utilisation,overhead,contrastive,absent"],
+                          "--only", "utilisation,overhead,contrastive,absent,micro"],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
-    for heading in ("1. utilisation", "2. framework overhead", "4. contrastive loss", "5. absent modalities"):
+    for heading in ("1. utilisation", "2. framework overhead", "4. contrastive loss", "5. absent modalities", "7. micro-batches"):
         assert heading in run.stdout
     results = json.loads((tmp_path / "results.json").read_text())
     for row in results["utilisation"]["models"].values():
@@ -97,3 +97,5 @@ def test_performance_benchmark_quick_run(tmp_path):
     # Counted FLOPs are exact: packing computes less wherever something is absent, never more.
     assert all(r["packed_gflops"] <= r["padded_gflops"] * 1.0001 for r in rows.values())
     assert rows["80 % missing video+audio"]["packed_gflops"] < 0.9 * rows["80 % missing video+audio"]["padded_gflops"]
+    assert set(results["micro"]["rows"]) == {"1", "4"}
+    assert all(r["seconds"] > 0 and r["peak_mib"] >= 0 for r in results["micro"]["rows"].values())

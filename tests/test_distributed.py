@@ -24,9 +24,9 @@ def make_inputs():
     return random_batch(tiny_config(), present)
 
 
-def build_model(mode: str) -> SCALE:
+def build_model(mode: str, micro_batches: int = 1) -> SCALE:
     torch.manual_seed(0)
-    config = tiny_config()
+    config = tiny_config(micro_batches=micro_batches)
     config.harmonization.mode = mode
     model = SCALE(config)
     return model.eval()  # no dropout: both sides compute the same function
@@ -36,13 +36,13 @@ def take(batch: dict, rows: slice) -> dict:
     return {m: {k: v[rows] for k, v in entry.items()} for m, entry in batch.items()}
 
 
-def _worker(rank: int, world: int, port: int, mode: str, out: str, first_rows: int) -> None:
+def _worker(rank: int, world: int, port: int, mode: str, out: str, first_rows: int, micro_batches: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    model = build_model(mode)
+    model = build_model(mode, micro_batches)
     rows = slice(0, first_rows) if rank == 0 else slice(first_rows, BATCH)  # rank 0 holds `first_rows`
-    losses = model.losses(model(take(make_inputs(), rows)))
+    losses = model(take(make_inputs(), rows), returns="losses")
     losses["contrastive"].backward()
     grads = {}
     for name, parameter in model.named_parameters():
@@ -58,16 +58,17 @@ def _worker(rank: int, world: int, port: int, mode: str, out: str, first_rows: i
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "mode, first_rows",
-    # 3 + 5 rows: the unequal local batches at the end of an exact epoch (datamodules/streams.py).
-    [("per_sample", BATCH // 2), ("uniform", BATCH // 2), ("per_sample", 3)],
+    "mode, first_rows, micro_batches",
+    # 3 + 5 rows: the unequal local batches at the end of an exact epoch (datamodules/streams.py);
+    # micro_batches: each rank's encoders in pieces, the loss still over the global batch.
+    [("per_sample", BATCH // 2, 1), ("uniform", BATCH // 2, 1), ("per_sample", 3, 1), ("per_sample", 3, 2)],
 )
-def test_two_process_model_gradients_equal_one_process(tmp_path, mode, first_rows):
-    port = 29000 + (os.getpid() + len(mode) + 7 * first_rows) % 1000
-    mp.spawn(_worker, args=(2, port, mode, str(tmp_path), first_rows), nprocs=2, join=True)
+def test_two_process_model_gradients_equal_one_process(tmp_path, mode, first_rows, micro_batches):
+    port = 29000 + (os.getpid() + len(mode) + 7 * first_rows + 100 * micro_batches) % 1000
+    mp.spawn(_worker, args=(2, port, mode, str(tmp_path), first_rows, micro_batches), nprocs=2, join=True)
     distributed = torch.load(tmp_path / "ddp.pt", weights_only=True)
 
-    model = build_model(mode)
+    model = build_model(mode)  # one process, the whole batch in one piece
     losses = model.losses(model(make_inputs()))
     losses["contrastive"].backward()
     assert distributed["loss"].item() == pytest.approx(losses["contrastive"].item(), rel=1e-5)

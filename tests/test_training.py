@@ -52,7 +52,8 @@ def test_export_then_load_gives_the_trained_modules_embeddings(demo_shards, tmp_
 def test_two_process_cpu_ddp_fit_in_exact_epochs(demo_shards, tmp_path):
     """Real DDP through Lightning: in exact mode the two ranks together train on every product once
     in epoch 0, with unequal local batches at the tail (20 per rank in steps of 6, 6, 6, 2), and
-    go on into epoch 1."""
+    go on into epoch 1. Each rank runs its encoders in two micro-batches (checkpointed pieces under
+    the DDP wrapper; a tail batch of 2 in pieces of 1)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     log = tmp_path / "keys-{rank}.jsonl"
     result = subprocess.run(
@@ -60,6 +61,7 @@ def test_two_process_cpu_ddp_fit_in_exact_epochs(demo_shards, tmp_path):
          "--data.train_shards", str(demo_shards["train"]), "--trainer.default_root_dir", str(tmp_path),
          "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_steps", "6",
          "--data.mode", "exact", "--data.batch_size", "6", "--data.num_workers", "1",
+         "--model.config.micro_batches", "2",
          "--trainer.callbacks+=callbacks.sample_log.SampleKeyLog", f"--trainer.callbacks.path={log}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
