@@ -86,6 +86,14 @@ class SCALE(nn.Module):
         else:
             self.logit_bias = None
 
+    def use_one_bucket(self, flag: bool = True) -> None:
+        """Run every packed transformer in one length bucket per call (absent segments and padding
+        beyond the batch's longest sample are still dropped): strategies that shard the parameters
+        gather a module's weights on every call, so every rank must call each module equally often."""
+        for module in self.modules():
+            if hasattr(module, "one_bucket"):
+                module.one_bucket = flag
+
     @property
     def temperature(self) -> Tensor:
         return 1.0 / self.logit_scale.clamp(max=math.log(100.0)).exp()

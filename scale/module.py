@@ -15,7 +15,6 @@ from scale import rng_state
 from scale.config import ModelConfig, OptimizerConfig, _from_dict
 from scale.metrics import retrieval_metrics
 from scale.model import SCALE
-from scale.packing import use_one_bucket
 
 VALIDATION_SEED = 20_240_601
 """The masks of every validation run are drawn from this seed (then training's generators are restored)."""
@@ -87,12 +86,12 @@ class SCALEModule(L.LightningModule):
 
             apply_activation_checkpointing(self.model, check_fn=lambda module: isinstance(module, TRANSFORMER_BLOCKS))
         shard = getattr(strategy, "shard_model", None)
-        if shard is not None:
-            shard(self.model)
         if shard is not None or _zero_stage(strategy) is not None:
             # Sharded parameters (FSDP, ZeRO-3): every rank must call each module equally often.
             # ZeRO-1/2 too, so that every DeepSpeed stage computes the very same numbers.
-            use_one_bucket(True)
+            self.model.use_one_bucket(True)
+        if shard is not None:
+            shard(self.model)
         if self.compile_model:
             for module in (*self.model.encoders.values(), self.model.fusion):
                 module.compile(dynamic=True)

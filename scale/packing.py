@@ -15,6 +15,10 @@ same positional embeddings (added before the tokens move), and every other layer
 Why buckets rather than one variable-length kernel: it needs nothing but the timm blocks and
 `scaled_dot_product_attention` that run on every device, so CPU and GPU share one exact path.
 Finding the buckets reads the lengths on the host (one sync per call).
+
+`length_buckets` / `buckets` group rows and `scatter_rows` writes their outputs back; the fusion
+and the feature trunks use them through `run_bucketed`, the BERT towers directly (they cut each
+bucket to its longest row instead of gathering positions).
 """
 
 from __future__ import annotations
@@ -25,24 +29,13 @@ import torch
 from torch import Tensor
 
 
-_ONE_BUCKET = False
-
-
-def use_one_bucket(flag: bool) -> None:
-    """One bucket per call from now on, in this process (absent segments and padding beyond the
-    batch's longest sample are still dropped). Strategies that shard the parameters (FSDP, ZeRO-3)
-    gather a module's weights on every call, so every rank must call each module equally often:
-    `SCALEModule.configure_model` sets this for them."""
-    global _ONE_BUCKET
-    _ONE_BUCKET = flag
-
-
-def length_buckets(lengths: list[int], max_padding: float = 0.1) -> list[list[int]]:
+def length_buckets(lengths: list[int], max_padding: float = 0.1, one_bucket: bool = False) -> list[list[int]]:
     """Sample indices grouped so that each group's padded size (count x longest) is at most
-    `1 + max_padding` times its real tokens; longest samples first (all in one under
-    `use_one_bucket`)."""
+    `1 + max_padding` times its real tokens; longest samples first. `one_bucket`: all in one, for
+    strategies that shard the parameters (FSDP, ZeRO-3): they gather a module's weights on every
+    call, so every rank must call each module equally often (`SCALE.use_one_bucket`)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    if _ONE_BUCKET:
+    if one_bucket:
         return [order] if order else []
     buckets: list[list[int]] = []
     real = 0
@@ -56,8 +49,23 @@ def length_buckets(lengths: list[int], max_padding: float = 0.1) -> list[list[in
     return buckets
 
 
+def buckets(lengths: list[int], device: torch.device, max_padding: float = 0.1,
+            one_bucket: bool = False) -> list[tuple[Tensor, int, int]]:  # fmt: skip
+    """`length_buckets` as (row indices on `device`, the bucket's longest length, its shortest)."""
+    return [(torch.tensor(bucket, device=device), lengths[bucket[0]], lengths[bucket[-1]])
+            for bucket in length_buckets(lengths, max_padding, one_bucket)]  # fmt: skip
+
+
+def scatter_rows(batch: int, length: int, parts: list[tuple[Tensor, Tensor, Tensor]]) -> Tensor:
+    """(batch, length, D) zeros with each part's values written back: parts of (rows (k,),
+    positions (k,), values (k, D)), the real tokens each bucket computed."""
+    values = torch.cat([part[2] for part in parts])
+    out = values.new_zeros(batch, length, values.shape[-1])
+    return out.index_put((torch.cat([part[0] for part in parts]), torch.cat([part[1] for part in parts])), values)
+
+
 def run_bucketed(layers: Callable[[Tensor, Tensor | None], Tensor], tokens: Tensor, token_mask: Tensor,
-                 max_padding: float = 0.1) -> Tensor:
+                 max_padding: float = 0.1, one_bucket: bool = False) -> Tensor:
     """`layers(x, attn_mask)` over each length bucket of (B, L, D) `tokens` (B, L) `token_mask`;
     returns (B, L, D') with zeros wherever `token_mask` is False. `attn_mask` is (b, 1, 1, l) bool,
     or None when the bucket has no padding."""
@@ -66,17 +74,10 @@ def run_bucketed(layers: Callable[[Tensor, Tensor | None], Tensor], tokens: Tens
     # Real positions first, in their order (a stable sort puts True before False).
     positions = torch.sort(token_mask.to(torch.int8), dim=1, descending=True, stable=True).indices
     counts = lengths.tolist()
-    rows_out, positions_out, values = [], [], []
-    for bucket in length_buckets(counts, max_padding):
-        rows = torch.tensor(bucket, device=tokens.device)
-        longest = counts[bucket[0]]
+    parts = []
+    for rows, longest, shortest in buckets(counts, tokens.device, max_padding, one_bucket):
         where = positions[rows, :longest]
         real = torch.arange(longest, device=tokens.device)[None, :] < lengths[rows, None]
-        padded = any(counts[i] < longest for i in bucket)
-        out = layers(tokens[rows[:, None], where], real[:, None, None, :] if padded else None)
-        rows_out.append(rows[:, None].expand_as(where)[real])
-        positions_out.append(where[real])
-        values.append(out[real])
-    values_all = torch.cat(values)
-    result = values_all.new_zeros(batch, length, values_all.shape[-1])
-    return result.index_put((torch.cat(rows_out), torch.cat(positions_out)), values_all)
+        out = layers(tokens[rows[:, None], where], real[:, None, None, :] if shortest < longest else None)
+        parts.append((rows[:, None].expand_as(where)[real], where[real], out[real]))
+    return scatter_rows(batch, length, parts)

@@ -92,3 +92,32 @@ def test_a_modality_absent_from_the_whole_batch_still_gets_a_gradient():
     losses["loss"].backward()
     video = [p for p in model.encoders["video"].parameters() if p.requires_grad]
     assert video and all(p.grad is not None for p in video)
+
+
+def test_one_bucket_mode_reaches_every_packed_module_and_changes_nothing(monkeypatch):
+    """`SCALE.use_one_bucket` (FSDP, DeepSpeed): every packed transformer and BERT tower groups its
+    rows into one bucket per call, with the same losses as the bucketed run."""
+    import scale.packing
+
+    calls = []
+    original = scale.packing.length_buckets
+
+    def spy(lengths, max_padding=0.1, one_bucket=False):
+        calls.append(one_bucket)
+        return original(lengths, max_padding, one_bucket)
+
+    monkeypatch.setattr(scale.packing, "length_buckets", spy)
+    config = tiny_config()
+    torch.manual_seed(0)
+    model = SCALE(config).double().eval()
+    torch.manual_seed(1)
+    batch = random_batch(config, all_patterns())
+    batch = {m: {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()} for m, inputs in batch.items()}
+    bucketed = model(batch, returns="losses")
+    assert calls and not any(calls)
+    calls.clear()
+    model.use_one_bucket(True)
+    one = model(batch, returns="losses")
+    assert calls and all(calls)
+    for key in bucketed:
+        torch.testing.assert_close(one[key], bucketed[key], rtol=1e-9, atol=1e-12, msg=key)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import BertConfig, BertModel
 
-from scale.packing import length_buckets
+from scale.packing import buckets, scatter_rows
 from scale.pretrained_paths import resolve
 
 
@@ -35,6 +35,7 @@ class BertTower(nn.Module):
     ):
         super().__init__()
         self.packed = packed
+        self.one_bucket = False  # `scale.packing.length_buckets`; set by `SCALE.use_one_bucket`
         if pretrained is not None:
             path = resolve(pretrained)
             if load_weights:
@@ -75,16 +76,15 @@ class BertTower(nn.Module):
         outputs past a row's last real token are zeros."""
         if not self.packed:
             return self.project(self._bert(input_ids, attention_mask, token_type))
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        ends = ((positions + 1) * attention_mask.bool()).amax(dim=1).tolist()  # last real token + 1
-        out = None
-        for bucket in length_buckets(ends):
-            rows, end = torch.tensor(bucket, device=input_ids.device), ends[bucket[0]]
+        batch, length = input_ids.shape
+        positions = torch.arange(length, device=input_ids.device)
+        ends = ((positions + 1) * attention_mask.bool()).amax(dim=1)  # last real token + 1
+        parts = []
+        for rows, end, _ in buckets(ends.tolist(), input_ids.device, one_bucket=self.one_bucket):
             hidden = self.project(self._bert(input_ids[rows, :end], attention_mask[rows, :end], token_type))
-            if out is None:
-                out = hidden.new_zeros(input_ids.shape[0], input_ids.shape[1], hidden.shape[-1])
-            out = out.index_put((rows[:, None], positions[None, :end]), hidden)
-        return out
+            keep = positions[None, :end] < ends[rows, None]
+            parts.append((rows[:, None].expand_as(keep)[keep], positions[None, :end].expand_as(keep)[keep], hidden[keep]))
+        return scatter_rows(batch, length, parts)
 
     def _bert(self, input_ids: Tensor, attention_mask: Tensor, token_type: int) -> Tensor:
         token_type_ids = torch.full_like(input_ids, token_type)

@@ -26,6 +26,7 @@ class TokenTransformer(nn.Module):
             for _ in range(layers)
         )
         self.norm = nn.LayerNorm(width)
+        self.one_bucket = False  # `scale.packing.length_buckets`; set by `SCALE.use_one_bucket`
 
     def forward(self, tokens: Tensor, token_mask: Tensor, packed: bool = False) -> Tensor:
         """tokens (B, L, width); token_mask (B, L) bool, True = real token (every row needs one).
@@ -33,7 +34,7 @@ class TokenTransformer(nn.Module):
         are zeros; otherwise padded (its outputs are finite but meaningless)."""
         x = tokens + self.position[:, : tokens.shape[1]]
         if packed:
-            return run_bucketed(self._layers, x, token_mask)
+            return run_bucketed(self._layers, x, token_mask, one_bucket=self.one_bucket)
         # (B, 1, 1, L): every query may attend to every real key; padding keys get zero weight.
         return self._layers(x, token_mask[:, None, None, :])
 
