@@ -546,6 +546,45 @@ def throughput_rows(measured: dict, paths: list[str]) -> list[dict]:
     return rows
 
 
+# ---- frames extracted at conversion ---------------------------------------------------------------
+def build_strip_shards(shards: Path, samples: list[dict[str, bytes]], frames: int, size: int) -> tuple[Path, float, float]:
+    """The same samples with the frame strip `scale shards --extract-frames` adds (`frames.jpg`),
+    cached beside the shard set; returns (folder, CPU s per video to extract, strip KB)."""
+    from datamodules.limits import DataLimits
+    from scale.media.video import extract_strip
+
+    folder = shards.parent / f"{shards.name}-strips-{frames}x{size}"
+    stats = folder / "strips.json"
+    if stats.is_file():
+        values = json.loads(stats.read_text())
+        return folder, values["extract_cpu_s_per_video"], values["strip_kb"]
+    folder.mkdir(parents=True, exist_ok=True)
+    limits, start, members = DataLimits(), cpu_seconds(), []
+    for index, sample in enumerate(samples):
+        members.append((f"bench{index:06d}", {**sample, "frames.jpg": extract_strip(sample["mp4"], frames, size, limits)}))
+    extract = (cpu_seconds() - start) / len(samples)
+    strip_kb = statistics.mean(len(files["frames.jpg"]) for _, files in members) / 1024
+    _write_tar(folder / "shard-000000.tar", members)
+    (folder / "sizes.json").write_text(json.dumps({"shard-000000.tar": len(members)}))
+    stats.write_text(json.dumps({"extract_cpu_s_per_video": extract, "strip_kb": strip_kb}))
+    return folder, extract, strip_kb
+
+
+def measure_strips(strips: Path, base: dict, paths: list[str], batch_size: int, repeats: int) -> dict[str, float]:
+    """Pipeline rates (samples per CPU-second) of video alone and all five from the strip shards."""
+    from scale.config import ModelConfig
+
+    configs = {"video": ModelConfig.from_dict({**base, "modalities": ["video"]}),
+               "all": ModelConfig.from_dict({**base, "modalities": list(MODALITIES)})}  # fmt: skip
+    rates: dict[str, float] = {}
+    for _ in range(repeats):
+        for name, config in configs.items():
+            for path in paths:
+                run = timed(lambda: pipeline_pass(path, strips, config, batch_size, list(config.modalities)))
+                rates[f"{name}/{path}"] = max(rates.get(f"{name}/{path}", 0.0), run["rate"])
+    return rates
+
+
 # ---- cores per GPU --------------------------------------------------------------------------------
 def count_flops(base: dict, backward: bool, batch: int = 2) -> dict[str, float]:
     """Forward (+ loss) FLOPs per sample of the training forward (masked modeling on) of the model
@@ -575,6 +614,11 @@ def count_flops(base: dict, backward: bool, batch: int = 2) -> dict[str, float]:
 
 
 # ---- report ---------------------------------------------------------------------------------------
+def config_size(decode: dict) -> str:
+    """The frame size of the `decode` summary's video entry ("12 frames at 112x112" -> "112")."""
+    return decode["video"].rsplit(" ", 1)[-1].split("x")[0]
+
+
 def report(results: dict) -> str:
     s, r, m, d = results["settings"], results["throughput"], results["media"], results["decode"]
     lines = [
@@ -609,6 +653,15 @@ def report(results: dict) -> str:
     lines.append(f"\nvideo, {d['video']} from the same {v['videos']} MP4s, CPU s per video (cost vs decord seek):")
     for name, value in v["methods"].items():
         lines.append(f"  {name:<34} {value['cpu_s_per_video']:.3f} s  x{value['cost_vs_decord_seek']:.2f}")
+    st = results["strips"]
+    lines.append(f"\nframes extracted at conversion (scale shards --extract-frames {d['video'].split()[0]}x"
+                 f"{config_size(d)}): {st['strip_kb']:.1f} KB per strip, {st['extract_cpu_s_per_video']:.3f} CPU s "
+                 f"per video to extract (once)")  # fmt: skip
+    for key, rate in st["rates"].items():
+        name, path = key.split("/")
+        mp4 = next(row["pipeline"] for row in r["rows"] if row["path"] == path and row["modality"] == ("all five" if name == "all" else name))
+        lines.append(f"  {('all five' if name == 'all' else name):<10} {path:<6} {rate:.2f} samples/s/core from the strip, "
+                     f"{mp4:.2f} from the MP4: x{rate / mp4:.1f}")  # fmt: skip
     g = results["gpu"]
     counted = g.get("measured_train_gflops_per_sample")
     lines += [
@@ -624,7 +677,8 @@ def report(results: dict) -> str:
         f"  {g['note']}",
     ]  # fmt: skip
     for path, value in g["cores_per_gpu"].items():
-        lines.append(f"  cores per GPU ({path} pipeline, {g['pipeline_rate'][path]:.2f} samples/s/core): {value:.0f}")
+        lines.append(f"  cores per GPU ({path} pipeline, {g['pipeline_rate'][path]:.2f} samples/s/core): {value:.0f}; "
+                     f"with frames extracted at conversion: {g['cores_per_gpu_with_strips'][path]:.0f}")
     lines += [
         f"  cores per GPU at the sum-of-parts limit ({g['limit_rate']:.2f} samples/s/core): "
         f"{g['cores_per_gpu_at_limit']:.0f}",
@@ -687,6 +741,8 @@ def main(argv: list[str] | None = None) -> dict:
     limit_without_video = 1.0 / sum(v for m, v in direct_seconds.items() if m != "video")
     image_full_size = measured["image/direct-full-size"]["best_rate"]
     video = compare_video(samples, config.video.frames, config.video.size, args.video_compare)
+    strips, extract_s, strip_kb = build_strip_shards(shards, samples, config.video.frames, config.video.size)
+    strip_rates = measure_strips(strips, base, paths, args.batch_size, repeats)
     measure_seconds = time.time() - measure_start
 
     flops = count_flops(base, backward=not args.quick)
@@ -726,6 +782,7 @@ def main(argv: list[str] | None = None) -> dict:
             "target_ratio": TARGET_RATIO,
         },
         "video": {"videos": min(args.video_compare, len(samples)), "methods": video},
+        "strips": {"extract_cpu_s_per_video": extract_s, "strip_kb": strip_kb, "rates": strip_rates},
         "gpu": {
             "parameters": flops["parameters"],
             "forward_gflops_per_sample": flops["forward_flops_per_sample"] / 1e9,
@@ -739,6 +796,7 @@ def main(argv: list[str] | None = None) -> dict:
             "batch_per_gpu": full.get("data", {}).get("batch_size"),
             "pipeline_rate": pipeline_rate,
             "cores_per_gpu": {path: gpu_rate / rate for path, rate in pipeline_rate.items()},
+            "cores_per_gpu_with_strips": {path: gpu_rate / strip_rates[f"all/{path}"] for path in paths},
             "limit_rate": limit,
             "cores_per_gpu_at_limit": gpu_rate / limit,
             "limit_rate_without_video": limit_without_video,

@@ -16,7 +16,8 @@
 5. absent: step time of the features config with 0/20/50/80 % of samples missing video and audio,
    and on M5Product-like batches, packed (`pack_tokens`) and padded; target: an absent modality
    costs at most 10 % of a present one.
-6. feed: CPU cores per GPU needed to feed configs/base.yaml from raw media (bench/data.py).
+6. feed: CPU cores per GPU needed to feed configs/base.yaml from raw media (bench/data.py), decoding
+   the MP4s and with the frames extracted at conversion (`scale shards --extract-frames`).
 7. micro: the features config's training step with the batch in 1 and in 4 micro-batches
    (`micro_batches`, the contrastive loss still over the whole batch): s/step and the peak memory
    above weights, gradients and optimizer state (peak RSS on CPU, allocated on a GPU), each in a
@@ -392,8 +393,9 @@ def feed(args: argparse.Namespace) -> dict:
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     results = json.loads((out / "results.json").read_text())
     gpu = results["gpu"]
-    return {"cores_per_gpu": gpu["cores_per_gpu"], "gpu_samples_per_s": gpu["gpu_samples_per_s"],
-            "measured_gpu_rate": gpu["measured_gpu_rate"], "target": 16}
+    return {"cores_per_gpu": gpu["cores_per_gpu"], "cores_per_gpu_with_strips": gpu["cores_per_gpu_with_strips"],
+            "cores_per_gpu_without_video": gpu["cores_per_gpu_at_limit_without_video"],
+            "gpu_samples_per_s": gpu["gpu_samples_per_s"], "measured_gpu_rate": gpu["measured_gpu_rate"], "target": 16}
 
 
 # ---- 7. micro-batches (feature cache) --------------------------------------------------------------
@@ -489,7 +491,10 @@ def report(results: dict) -> str:
         f = results["feed"]
         rate = "measured" if f["measured_gpu_rate"] else "assumed"
         cores = ", ".join(f"{k} {v:.0f}" for k, v in f["cores_per_gpu"].items())
-        lines.append(f"\n6. raw media feed: cores per GPU at {f['gpu_samples_per_s']:.0f} samples/s per GPU ({rate}): {cores} (target <= {f['target']})")
+        strips = ", ".join(f"{k} {v:.0f}" for k, v in f["cores_per_gpu_with_strips"].items())
+        lines.append(f"\n6. raw media feed: cores per GPU at {f['gpu_samples_per_s']:.0f} samples/s per GPU ({rate}), target <= {f['target']}:")
+        lines.append(f"  decoding the MP4s: {cores}; frames extracted at conversion (--extract-frames): {strips}; "
+                     f"no video decode at all (features stem): {f['cores_per_gpu_without_video']:.0f}")
     if "micro" in results:
         m = results["micro"]
         one, four = m["rows"]["1"], m["rows"]["4"]
@@ -506,7 +511,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="tiny models and sizes (the test)")
     parser.add_argument("--batch", type=int, help="batch of utilisation and absent (default 8; GPU 64; quick 4)")
     parser.add_argument("--overhead-batch", type=int, default=32)
-    parser.add_argument("--micro-batch", type=int, default=32, help="batch of micro (default 32)")
+    parser.add_argument("--micro-batch", type=int, default=16, help="batch of micro (default 16)")
     parser.add_argument("--peer-batch", type=int, help="default 16; GPU 256; quick 4")
     parser.add_argument("--steps", type=int, help="timed steps per measurement, the best kept (default 5; quick 1)")
     args = parser.parse_args(argv)

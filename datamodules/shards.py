@@ -1,7 +1,8 @@
 """An M5Product release -> webdataset tar shards, resumable and parallel (`scale shards`).
 
     scale shards --src RAW --out OUT [--layout auto|jsonl|official] [--max-count N] [--max-bytes N]
-                 [--processes N] [--meta FILE] [--image-dir image ...] [--no-derive] [--overwrite]
+                 [--processes N] [--meta FILE] [--image-dir image ...] [--no-derive]
+                 [--extract-frames TxS] [--overwrite]
 
 Input: a release in either layout of `datamodules/sources.py` (the demo's meta.jsonl + media, or the
 official JSON + per-modality folders). Output, in OUT (the shard format: `scale/shard_format.py`):
@@ -472,14 +473,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
           help=f"official layout: folder of the {name} files (default {folder}/)")
     a("--no-derive", dest="derive", action="store_false",
       help="never make a missing file from another one (e.g. audio from a video's sound track)")
+    a("--extract-frames", type=_frames_and_size, metavar="TxS",
+      help="also store T frames of S x S pixels sampled from each MP4 as one JPEG (frames.jpg), decoded by the "
+           "`frames` stem instead of the MP4 when video.frames is T and video.size S, e.g. 12x112")
     a("--overwrite", action="store_true", help="replace a conversion of another source / settings in OUT")
+
+
+def _frames_and_size(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not match or int(match[1]) < 1 or int(match[2]) < 1:
+        raise argparse.ArgumentTypeError(f"not FRAMESxSIZE: {text!r} (e.g. 12x112)")
+    return int(match[1]), int(match[2])
 
 
 def run(args: argparse.Namespace) -> None:
     dirs = {name: getattr(args, f"{name}_dir") for name in DEFAULT_DIRS}
     try:
+        frames, size = args.extract_frames or (0, DataLimits().extract_size)
         s = write_shards(args.src, args.out, args.max_count, args.max_bytes, processes=args.processes,
                          layout=args.layout, meta=args.meta, dirs=dirs, derive=args.derive,
+                         limits=DataLimits(extract_frames=frames, extract_size=size),
                          overwrite=args.overwrite, log=lambda line: print(line, flush=True))
     except BrokenProcessPool:
         sys.exit(f"scale shards: error: a shard-writing process died (out of memory? killed?); finished shards "

@@ -114,7 +114,7 @@ def _derive(entry: dict[str, Any], members: dict[str, bytes], limits: DataLimits
         if made_from is None or any(m in members for m in source.members):
             continue
         try:
-            data = derived.make(made_from, budget)
+            data = derived.make(made_from, budget, limits)
         except MediaError as error:
             note(modality, name, error.reason, str(error))
             continue

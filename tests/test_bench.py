@@ -56,6 +56,11 @@ def test_data_benchmark_quick_run(tmp_path):
     gpu = results["gpu"]
     assert gpu["forward_gflops_per_sample"] > 1 and gpu["gpu_samples_per_s"] > 0
     assert all(math.isfinite(c) and c > 0 for c in gpu["cores_per_gpu"].values())
+    # Frames extracted at conversion: the video path decodes one small JPEG instead of the MP4.
+    strips = results["strips"]
+    assert strips["strip_kb"] > 0 and strips["extract_cpu_s_per_video"] > 0
+    assert set(gpu["cores_per_gpu_with_strips"]) == set(gpu["cores_per_gpu"])
+    assert all(rate > 0 for rate in strips["rates"].values()) and "from the strip" in run.stdout
 
 
 def test_retrieval_benchmark_small_gallery():

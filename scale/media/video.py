@@ -1,5 +1,6 @@
 """Video bytes: `read_frames(bytes) -> (T, S, S, 3) uint8` over the decoders, and `check_video`, the
-converter's test of an MP4 (the same header limits and decoder as the loader's).
+converter's test of an MP4 (the same header limits and decoder as the loader's); frame strips, the
+sampled frames extracted once at conversion as one JPEG (`extract_strip`, `strip_to_frames`).
 
 `auto` reads with PyAV and falls back to decord. PyAV is maintained, reads the header limits from
 the container it decodes from (decord cannot report a stream's size, so checking limits before
@@ -191,20 +192,75 @@ def read_frames(
         return _call_helper((num_frames, size, backend, max_pixels, max_seconds), data, timeout_s)
 
 
-def check_video(data: bytes, limits) -> None:
-    """The converter's check of an MP4: a video stream within `limits`' pixel and duration limits
-    whose first frame decodes, all inside the helper process under `video_timeout_s` (a file that
-    hangs the decoder cannot stall a conversion worker). Raises MediaError: reason `timeout` past
-    the limit, `corrupt` for anything PyAV cannot read."""
+def _converter_read(data: bytes, num_frames: int, size: int, limits) -> np.ndarray:
+    """`read_frames` as the converter runs it: PyAV, in the helper process under `video_timeout_s`
+    (a file that hangs the decoder cannot stall a conversion worker), within `limits`' pixel and
+    duration limits. Raises MediaError: reason `timeout` past the limit, `corrupt` for anything
+    PyAV cannot read."""
     try:
-        read_frames(data, 1, 16, backend="pyav", timeout_s=limits.video_timeout_s,
-                    max_pixels=limits.max_video_pixels, max_seconds=limits.max_video_seconds)  # fmt: skip
+        return read_frames(data, num_frames, size, backend="pyav", timeout_s=limits.video_timeout_s,
+                           max_pixels=limits.max_video_pixels, max_seconds=limits.max_video_seconds)  # fmt: skip
     except MediaError:
         raise
     except TimeoutError as error:
         raise MediaError(f"MP4: {error}", "timeout") from None
     except Exception as error:  # av.FFmpegError and friends
         raise MediaError(f"MP4: {error}", "corrupt") from None
+
+
+def check_video(data: bytes, limits) -> None:
+    """The converter's check of an MP4: a video stream within the limits whose first frame decodes."""
+    _converter_read(data, 1, 16, limits)
+
+
+# ---- frame strips: the sampled frames, extracted once at conversion ----------------------------------
+# Decoding an MP4 to sample 12 frames costs tens to hundreds of milliseconds of CPU per video (the
+# codec decodes every frame between key frames); one JPEG of the 12 small frames decodes in about a
+# millisecond. The frames are stacked top to bottom in one image, so a sample is one member and one
+# decode call. JPEG rather than raw uint8 (.npy): 12 x 112 x 112 x 3 is 452 KB raw, tens of KB as JPEG.
+STRIP_QUALITY = 90
+
+
+def frames_to_strip(frames: np.ndarray, quality: int = STRIP_QUALITY) -> bytes:
+    """(T, S, S, 3) uint8 frames -> one JPEG, S wide and T x S high."""
+    from PIL import Image
+
+    count, height, width, _ = frames.shape
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(frames).reshape(count * height, width, 3)).save(
+        buffer, "JPEG", quality=quality, subsampling=0)  # 4:4:4: small frames keep their colour edges
+    return buffer.getvalue()
+
+
+def strip_to_frames(data: bytes, max_pixels: int | None = None) -> np.ndarray:
+    """A strip of `frames_to_strip` -> (T, S, S, 3) uint8. MediaError when it is not a JPEG of
+    square frames stacked top to bottom; MediaTooLarge over `max_pixels` (read from the header,
+    before decoding)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            if image.format != "JPEG" or width == 0 or height % width:
+                raise MediaError(f"frame strip: a {image.format} of {width}x{height}, not a JPEG of square frames "
+                                 f"stacked top to bottom", "not_a_strip")  # fmt: skip
+            if max_pixels is not None and width * height > max_pixels:
+                raise MediaTooLarge(f"frame strip {width}x{height} is over max_video_pixels={max_pixels}", "too_many_pixels")
+            frames = np.array(image.convert("RGB"))  # a writable copy (torch.from_numpy needs one)
+    except (UnidentifiedImageError, OSError) as error:
+        raise MediaError(f"frame strip: {error}", "corrupt") from None
+    return frames.reshape(height // width, width, width, 3)
+
+
+def extract_strip(data: bytes, num_frames: int, size: int, limits) -> bytes:
+    """The converter's strip of an MP4: `num_frames` frames sampled as the loader samples them
+    (`read_frames`), at `size` x `size`, as one JPEG."""
+    return frames_to_strip(_converter_read(data, num_frames, size, limits))
+
+
+def check_strip(data: bytes, limits) -> None:
+    """The converter's check of a frame strip given as a file of the product's own."""
+    strip_to_frames(data, limits.max_video_pixels)
 
 
 # ---- the helper process -------------------------------------------------------------------------

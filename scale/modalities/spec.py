@@ -47,18 +47,20 @@ class RecordField:
 @dataclass(frozen=True, eq=False)  # hashed by identity: each is declared once
 class Derived:
     """A member the converter makes from another field's file when the product has no file of its
-    own (audio from a video's sound track)."""
+    own (audio from a video's sound track, the sampled frames of a video)."""
 
     member: str
     """The shard member it becomes (`flac`)."""
     source: str
     """The file field it is made from (`video`)."""
-    probe: Callable[[str, Any], float | None]
-    """At planning: (source path, limits) -> the budget to reserve (seconds), None if there is nothing."""
-    bound: Callable[[float], int]
+    probe: Callable[[str, Any], Any]
+    """At planning: (source path, limits) -> the budget to reserve (JSON: seconds, frames and size),
+    None if there is nothing to make."""
+    bound: Callable[[Any], int]
     """Bytes to reserve in the plan for that budget (so the shard byte bound holds)."""
-    make: Callable[[bytes, float], bytes | None]
-    """At writing: (source bytes, budget) -> the member's bytes (None: nothing to make); raises MediaError."""
+    make: Callable[[bytes, Any, Any], bytes | None]
+    """At writing: (source bytes, budget, limits) -> the member's bytes (None: nothing to make);
+    raises MediaError."""
     reason: str
     """The report's code for a derived member (`from_video`)."""
 

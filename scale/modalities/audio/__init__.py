@@ -79,10 +79,14 @@ def _track_budget(video_path: str, limits: Any) -> float | None:
     return None if seconds is None else min(seconds + 1.0, limits.max_audio_seconds)
 
 
+def _track_to_flac(video: bytes, seconds: float, limits: Any) -> bytes | None:
+    return track_to_flac(video, seconds)
+
+
 AUDIO = FileField(
     "audio", {".wav": "wav", ".flac": "flac", ".mp3": "mp3"}, "max_audio_bytes", check_audio,
     # A product without an audio file takes the sound track of its MP4, as 16 kHz mono FLAC.
-    derive=Derived(member="flac", source="video", probe=_track_budget, bound=flac_bound, make=track_to_flac,
+    derive=Derived(member="flac", source="video", probe=_track_budget, bound=flac_bound, make=_track_to_flac,
                    reason="from_video"),
 )  # fmt: skip
 MEL = FileField("audio_mel", {".npy": "mel.npy"}, "max_npy_bytes", check_npy)

@@ -24,12 +24,12 @@ fields (the MP4, checked by decoding a frame under the time limit; the clip feat
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
-from scale.bounds import AT_LEAST_1, POSITIVE
+from scale.bounds import AT_LEAST_0, AT_LEAST_1, POSITIVE
 from scale.media.arrays import check_npy
-from scale.media.video import check_video
-from scale.modalities.spec import FileField, ModalitySpec, TrunkConfig
+from scale.media.video import check_strip, check_video, extract_strip
+from scale.modalities.spec import Derived, FileField, ModalitySpec, TrunkConfig
 
 MB = 2**20
 
@@ -77,13 +77,40 @@ class VideoLimits:
     video_timeout_s: float = 20.0
     """Wall-clock limit on decoding one video; past it the decoding process is killed and the video
     counted as `video: timeout` (decord is known to hang on some files)."""
+    extract_frames: int = 0
+    """Converter only (`scale shards --extract-frames TxS`): frames sampled from each MP4 once, at
+    conversion, and stored beside it as one JPEG strip (`frames.jpg`); 0: none. The `frames` stem
+    decodes the strip instead of the MP4 when its frame count and size are `video.frames` and
+    `video.size` (docs/performance.md: what it saves)."""
+    extract_size: int = 112
+    """Converter only: the size (square, pixels) of the extracted frames."""
 
-    BOUNDS = {**{"max_video_bytes": AT_LEAST_1, "max_video_pixels": AT_LEAST_1}, "max_video_seconds": POSITIVE, "video_timeout_s": POSITIVE}
+    BOUNDS = {**{"max_video_bytes": AT_LEAST_1, "max_video_pixels": AT_LEAST_1}, "max_video_seconds": POSITIVE, "video_timeout_s": POSITIVE,
+              "extract_frames": AT_LEAST_0, "extract_size": AT_LEAST_1}  # fmt: skip
+
+
+def _strip_budget(video_path: str, limits: Any) -> list[int] | None:
+    return [limits.extract_frames, limits.extract_size] if limits.extract_frames > 0 else None
+
+
+def _strip_bound(budget: list[int]) -> int:
+    frames, size = budget
+    return 3 * frames * size * size + 65536  # raw RGB: more than any JPEG of it at quality 90, plus headers
+
+
+def _extract_strip(video: bytes, budget: list[int], limits: Any) -> bytes:
+    return extract_strip(video, *budget, limits)
 
 
 VIDEO = FileField("video", {".mp4": "mp4"}, "max_video_bytes", check_video)
+FRAME_STRIP = FileField(
+    "video_frames", {".jpg": "frames.jpg"}, "max_video_bytes", check_strip,
+    # With `--extract-frames`, every product's MP4 is sampled once at conversion.
+    derive=Derived(member="frames.jpg", source="video", probe=_strip_budget, bound=_strip_bound,
+                   make=_extract_strip, reason="frames_extracted"),
+)  # fmt: skip
 CLIP_FEATURES = FileField("video_features", {".npy": "video.npy"}, "max_npy_bytes", check_npy)
 
 
-MODALITY = ModalitySpec(name="video", config=VideoConfig, fields=(VIDEO, CLIP_FEATURES), stems="scale.modalities.video.stems",
+MODALITY = ModalitySpec(name="video", config=VideoConfig, fields=(VIDEO, FRAME_STRIP, CLIP_FEATURES), stems="scale.modalities.video.stems",
                         limits=VideoLimits)  # fmt: skip

@@ -2,18 +2,21 @@
 features), sharing the mean-token trunk and the masked-frame head (package docstring: `__init__.py`)."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from scale.media import MediaError
 from scale.media.arrays import load_npy, pad_rows
-from scale.media.video import read_frames
+from scale.media.video import read_frames, strip_to_frames
 from scale.modalities.base import BuildContext, Encoded, Masked, Modality, TensorSpec, first_slots_real
 from scale.modalities.image.stems import image_trunk
 from scale.modalities.masking import MaskedRegression, after_pooled_token, mask_slots
 from scale.modalities.spec import DecodeContext, RawSample
 from scale.modalities.transformer import MeanTokenTrunk
-from scale.modalities.video import CLIP_FEATURES, VIDEO, VideoConfig
+from scale.modalities.video import CLIP_FEATURES, FRAME_STRIP, VIDEO, VideoConfig
 
 class VideoStem(Modality):
     """What both stems share: a per-frame embedding (the stem's), the mean-token trunk and the
@@ -105,7 +108,7 @@ class PixelPatches(nn.Module):
 
 class FrameStem(VideoStem):
     stem = "frames"
-    reads = (VIDEO,)
+    reads = (FRAME_STRIP, VIDEO)
     values = "frames"
 
     def __init__(self, config: VideoConfig, width: int, trunk: MeanTokenTrunk | None = None):
@@ -120,10 +123,25 @@ class FrameStem(VideoStem):
 
     @classmethod
     def decode(cls, sample: RawSample, config: VideoConfig, context: DecodeContext) -> dict[str, Tensor]:
-        """MP4 bytes -> (frames, 3, size, size) normalised, under the limits' time and header limits."""
+        """The frames extracted at conversion (`frames.jpg`) when they are `frames` at `size`, else
+        the MP4 decoded, under the limits' time and header limits -> (frames, 3, size, size)
+        normalised."""
         limits = context.limits
-        frames = read_frames(sample.read(VIDEO), config.frames, config.size, timeout_s=limits.video_timeout_s,
-                             max_pixels=limits.max_video_pixels, max_seconds=limits.max_video_seconds)  # fmt: skip
+        frames = None
+        if sample.has(FRAME_STRIP):
+            frames = strip_to_frames(sample.read(FRAME_STRIP), limits.max_video_pixels)
+            if frames.shape[:2] != (config.frames, config.size):
+                if not sample.has(VIDEO):
+                    raise MediaError(f"frames.jpg holds {frames.shape[0]} frames of {frames.shape[1]} px, video.frames "
+                                     f"{config.frames} at video.size {config.size} need the MP4, which this product lacks",
+                                     "strip_mismatch")  # fmt: skip
+                warnings.warn(f"frames.jpg holds {frames.shape[0]} frames of {frames.shape[1]} px, the config asks for "
+                              f"{config.frames} at {config.size}: decoding the MP4s instead (slower); convert with "
+                              f"`scale shards --extract-frames {config.frames}x{config.size}`", stacklevel=2)  # fmt: skip
+                frames = None
+        if frames is None:
+            frames = read_frames(sample.read(VIDEO), config.frames, config.size, timeout_s=limits.video_timeout_s,
+                                 max_pixels=limits.max_video_pixels, max_seconds=limits.max_video_seconds)  # fmt: skip
         mean, std = (torch.tensor(values).view(1, 3, 1, 1) for values in (config.mean, config.std))
         return {"frames": (torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255.0 - mean) / std}
 
