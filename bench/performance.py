@@ -302,7 +302,7 @@ def _contrastive_worker(rank: int, port: int, local: int, chunk: int | str | Non
             if chunk == "autograd":
                 loss = _autograd_contrastive(features, present, weights, 0.07)
             else:
-                loss, _ = contrastive_loss(features, present, weights, 0.07, chunk_size=chunk)
+                loss, *_ = contrastive_loss(features, present, weights, 0.07, chunk_size=chunk)
         loss.backward()
 
     seconds = seconds_per_call(step, 2)

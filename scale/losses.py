@@ -88,7 +88,7 @@ def contrastive_loss(
     objective: str = "infonce",
     bias: Tensor | None = None,
     chunk_size: int | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
+) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
     """The contrastive loss over every modality pair, both directions (`scale/pair_loss.py`).
 
     features: modality -> (B, P) L2-normalised projections (local batch; B may differ across ranks).
@@ -101,7 +101,10 @@ def contrastive_loss(
         pair, with the learned offset `bias`).
     chunk_size: query rows per block of logits: memory O(chunk_size x global batch) per pair instead
         of O(B x global batch); the loss and its gradient do not depend on it. None: one block.
-    Returns the mean over pairs with at least one valid query anywhere, and each pair's loss.
+    Returns the mean over pairs with at least one valid query anywhere, each pair's loss (0 for a
+    pair without one) and each pair's global number of valid queries. Nothing is read on the host:
+    rows are masked, not selected, and pairs without a valid query are left out of the mean by
+    their count, so on a GPU the loss adds no sync (beyond the local batch sizes under DDP).
     """
     names = list(features)
     rank, world = world_info()
@@ -114,30 +117,30 @@ def contrastive_loss(
     inverse_temperature = 1.0 / torch.as_tensor(temperature, device=device)
 
     per_pair: dict[str, Tensor] = {}
+    queries: dict[str, Tensor] = {}
     for (i, query), (j, key) in combinations(enumerate(names), 2):
         valid = present[query] & present[key]
         count = global_sum(valid.sum().to(torch.float32))
-        if count.item() == 0:  # identical decision on every rank: count is global
-            continue
         directions = []
         for (a, q), (b, k) in (((i, query), (j, key)), ((j, key), (i, query))):
-            weight = None if pair_weights is None else pair_weights[valid, a, b]
-            scale = inverse_temperature.expand(int(valid.sum()))
+            # Invalid rows' weights may be anything (an absent modality's): 1 there, by selection.
+            weight = None if pair_weights is None else torch.where(valid, pair_weights[:, a, b], 1.0)
+            scale = inverse_temperature.expand(batch)
             if weight is not None and pair_weighting == "logit_scale":
                 scale = scale * weight
-            per_query = pair_loss(
-                features[q][valid], keys[k], scale, key_present[k], labels[valid], objective, bias, chunk_size
-            )
+            per_query = pair_loss(features[q], keys[k], scale, key_present[k], labels, objective, bias, chunk_size, valid)
             if weight is not None and pair_weighting == "loss_weight":
                 per_query = per_query * weight
             directions.append(per_query.sum())
-        per_pair[f"{query}-{key}"] = (directions[0] + directions[1]) / 2 / (count / world)
+        pair = f"{query}-{key}"
+        per_pair[pair] = (directions[0] + directions[1]) / 2 / (count.clamp_min(1.0) / world)
+        queries[pair] = count
     # Every projection stays in the graph even when its modality is absent from the whole global
-    # batch (all its pairs skipped): DDP without find_unused_parameters requires a gradient for
-    # every parameter on every rank.
+    # batch: DDP without find_unused_parameters requires a gradient for every parameter on every rank.
     anchor = sum(f.sum() for f in features.values()) * 0.0
     if bias is not None:
         anchor = anchor + bias.sum() * 0.0
     if not per_pair:
-        return anchor, per_pair
-    return torch.stack(list(per_pair.values())).mean() + anchor, per_pair
+        return anchor, per_pair, queries
+    active = torch.stack([count > 0 for count in queries.values()]).sum().clamp_min(1)
+    return torch.stack(list(per_pair.values())).sum() / active + anchor, per_pair, queries

@@ -102,16 +102,16 @@ class SCALE(nn.Module):
     def modalities(self) -> list[str]:
         return list(self.encoders)
 
-    def forward(self, batch: Batch, masked_modeling: bool = False, returns: str = "outputs") -> Any:
+    def forward(self, batch: Batch, masked_modeling: bool = False, returns: str = "outputs", details: bool = True) -> Any:
         """The encoders and fusion over a batch; `returns` "outputs" (SCALEOutput), "losses"
-        (`losses(outputs)`) or "embeddings" (`embed`). The training and evaluation steps ask for
-        losses or embeddings through this one call: a sharded model (FSDP) gathers its root
+        (`losses(outputs, details)`) or "embeddings" (`embed`). The training and evaluation steps
+        ask for losses or embeddings through this one call: a sharded model (FSDP) gathers its root
         parameters (heads, projections) only for the duration of `forward`."""
         if returns == "losses" and self.config.micro_batches > 1:
-            return self._micro_batched_losses(batch, masked_modeling)
+            return self._micro_batched_losses(batch, masked_modeling, details)
         output = self._encode_and_fuse(batch, masked_modeling)
         if returns == "losses":
-            return self.losses(output)
+            return self.losses(output, details)
         if returns == "embeddings":
             return self._embeddings(output)
         if returns != "outputs":
@@ -159,10 +159,13 @@ class SCALE(nn.Module):
             weights = rescale_to_unit_mean(weights, pair_mask(present, diagonal=False) if pairs else present)
         return weights
 
-    def losses(self, output: SCALEOutput) -> dict[str, Tensor]:
-        """The training objective and its parts (every entry is loggable)."""
-        logs = self._contrastive_losses(self._contrastive_features(output.pooled), output.present)
-        masked = self._masked_losses(output)
+    def losses(self, output: SCALEOutput, details: bool = True) -> dict[str, Tensor]:
+        """The training objective (`loss`) and its parts, every entry loggable. `details`: also each
+        contrastive pair's loss and count of queries (pairs with a query anywhere) and the mean
+        harmonization weights; without them nothing is read on the host for logging (on a GPU a
+        training step between logging steps then skips those syncs)."""
+        logs = self._contrastive_losses(self._contrastive_features(output.pooled), output.present, details)
+        masked = self._masked_losses(output, details)
         logs.update(masked)
         logs["loss"] = logs.get("contrastive", torch.zeros((), device=output.present[self.modalities[0]].device))
         for name, value in masked.items():
@@ -176,24 +179,28 @@ class SCALE(nn.Module):
             return {}
         return {m: F.normalize(self.projections[m](pooled[m]).float(), dim=-1) for m in self.modalities}
 
-    def _contrastive_losses(self, features: dict[str, Tensor], present: dict[str, Tensor]) -> dict[str, Tensor]:
+    def _contrastive_losses(self, features: dict[str, Tensor], present: dict[str, Tensor],
+                            details: bool = True) -> dict[str, Tensor]:  # fmt: skip
         """The contrastive loss over the whole (global) batch's `features`, with its logs; {} when off."""
         if not features:
             return {}
         names = self.modalities
         present_matrix = torch.stack([present[m] for m in names], dim=1)
         pair_weights = self.harmonize(torch.stack([features[m] for m in names], dim=1), present_matrix, pairs=True)
-        logs = pair_weight_logs(pair_weights, present_matrix, names)
-        contrastive, per_pair = contrastive_loss(
+        contrastive, per_pair, queries = contrastive_loss(
             features, present, pair_weights, self.temperature, self.config.harmonization.pair_weighting,
             self.config.contrastive.objective, self.logit_bias, self.config.contrastive.chunk_size,
         )  # fmt: skip
+        logs = pair_weight_logs(pair_weights, present_matrix, names) if details else {}
         logs["contrastive"] = contrastive
         logs["temperature"] = self.temperature.detach()
-        logs.update({f"contrastive/{pair}": value for pair, value in per_pair.items()})
+        if details:  # the counts are global: every rank logs the same pairs (validation syncs them)
+            for pair, value in per_pair.items():
+                if queries[pair] > 0:
+                    logs[f"contrastive/{pair}"] = value
         return logs
 
-    def _masked_losses(self, output: SCALEOutput) -> dict[str, Tensor]:
+    def _masked_losses(self, output: SCALEOutput, details: bool = True) -> dict[str, Tensor]:
         """Each modality's masked-modeling loss and extra losses (`is_loss_term`), weighted per
         sample by its post-fusion harmonization weight, and the mean weights (logs only)."""
         if not output.masked:
@@ -210,11 +217,11 @@ class SCALE(nn.Module):
                     logs[f"masked/{name}"] = modality.masked_loss(output.fused[name], masked, weight)
                 for extra, value in modality.extra_losses(output.fused[name], masked, weight).items():
                     logs[f"{name}/{extra}"] = value
-            if present[:, index].any():
+            if details and present[:, index].any():
                 logs[f"harmonization/{name}"] = task_weights[present[:, index], index].mean().detach()
         return logs
 
-    def _micro_batched_losses(self, batch: Batch, masked_modeling: bool) -> dict[str, Tensor]:
+    def _micro_batched_losses(self, batch: Batch, masked_modeling: bool, details: bool = True) -> dict[str, Tensor]:
         """`losses` with the encoders and fusion run over `micro_batches` pieces of the batch, one
         at a time, under activation checkpointing: each piece keeps only its contrastive features
         and masked-loss values for the backward pass, which recomputes the piece's activations
@@ -230,12 +237,12 @@ class SCALE(nn.Module):
         results = []
         for piece in pieces:
             if torch.is_grad_enabled():
-                results.append(checkpoint(self._piece_losses, piece, masked_modeling, use_reentrant=False))
+                results.append(checkpoint(self._piece_losses, piece, masked_modeling, details, use_reentrant=False))
             else:
-                results.append(self._piece_losses(piece, masked_modeling))
+                results.append(self._piece_losses(piece, masked_modeling, details))
         features = {m: torch.cat([features[m] for features, _, _ in results]) for m in results[0][0]}
         present = {m: torch.cat([present[m] for _, present, _ in results]) for m in self.modalities}
-        logs = self._contrastive_losses(features, present)
+        logs = self._contrastive_losses(features, present, details)
         total = logs.get("contrastive", torch.zeros((), device=present[self.modalities[0]].device))
         for name in dict.fromkeys(name for _, _, masked in results for name in masked):
             values = [masked[name] for _, _, masked in results if name in masked]
@@ -247,9 +254,10 @@ class SCALE(nn.Module):
         logs["loss"] = total
         return logs
 
-    def _piece_losses(self, piece: Batch, masked_modeling: bool) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
+    def _piece_losses(self, piece: Batch, masked_modeling: bool,
+                      details: bool) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:  # fmt: skip
         output = self._encode_and_fuse(piece, masked_modeling)
-        return self._contrastive_features(output.pooled), output.present, self._masked_losses(output)
+        return self._contrastive_features(output.pooled), output.present, self._masked_losses(output, details)
 
     @torch.no_grad()
     def embed(self, batch: Batch) -> dict[str, Tensor]:

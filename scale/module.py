@@ -97,13 +97,14 @@ class SCALEModule(L.LightningModule):
                 module.compile(dynamic=True)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        losses = self.model(batch, masked_modeling=True, returns="losses")
+        # The ~30 parts only on the steps the logger writes: `self.log` costs about 1 ms a call
+        # whether or not the value is written (2 % of a smoke step each), and on a GPU finding
+        # which pairs and modalities to log reads counts on the host (a sync each).
+        logged = self._logged_this_step()
+        losses = self.model(batch, masked_modeling=True, returns="losses", details=logged)
         size = len(batch["key"])
         self.log("train/loss", losses["loss"], prog_bar=True, batch_size=size)
-        # The ~30 parts only on the steps the logger writes: `self.log` costs about 1 ms a call
-        # whether or not the value is written (2 % of a smoke step each), and on a GPU each part
-        # logged is a host-device sync.
-        if self._logged_this_step():
+        if logged:
             self.log_dict({f"train/{k}": v for k, v in losses.items() if k != "loss"}, batch_size=size)
             for modality in self.model.modalities:
                 self.log(f"data/present_{modality}", batch[modality]["present"].float().mean(), batch_size=size)

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from scale.harmonization import harmonization_weights
 from scale.losses import contrastive_loss
@@ -59,7 +60,7 @@ def make_case(seed=0, batch=6, names=("text", "image", "audio")):
 def test_contrastive_matches_reference(weighted):
     features, present = make_case()
     weights = torch.rand(6, 3, 3) + 0.5 if weighted else None
-    loss, per_pair = contrastive_loss(features, present, weights, temperature=0.07)
+    loss, per_pair, _ = contrastive_loss(features, present, weights, temperature=0.07)
     expected = reference_contrastive(features, present, weights, 0.07)
     assert loss.item() == pytest.approx(expected, rel=1e-5)
 
@@ -76,7 +77,7 @@ def reference_siglip(features, present, weights, temperature, bias):
 def test_siglip_matches_reference():
     features, present = make_case(seed=3)
     weights = torch.rand(6, 3, 3) + 0.5
-    loss, _ = contrastive_loss(features, present, weights, 0.1, objective="siglip", bias=torch.tensor(-3.0))
+    loss, *_ = contrastive_loss(features, present, weights, 0.1, objective="siglip", bias=torch.tensor(-3.0))
     assert loss.item() == pytest.approx(reference_siglip(features, present, weights, 0.1, -3.0), rel=1e-5)
 
 
@@ -146,13 +147,13 @@ def test_blocks_of_queries_give_the_exact_loss_and_gradient(objective, pair_weig
 
 def test_contrastive_ignores_absent_keys():
     features, present = make_case(seed=1)
-    loss, _ = contrastive_loss(features, present, None, 0.1)
+    loss, *_ = contrastive_loss(features, present, None, 0.1)
     # Moving an absent sample's features must not change the loss.
     moved = {m: f.clone() for m, f in features.items()}
     absent = ~present["image"]
     assert absent.any()
     moved["image"][absent] = F.normalize(torch.randn(int(absent.sum()), 8), dim=-1)
-    moved_loss, _ = contrastive_loss(moved, present, None, 0.1)
+    moved_loss, *_ = contrastive_loss(moved, present, None, 0.1)
     assert moved_loss.item() == pytest.approx(loss.item(), rel=1e-6)
 
 
@@ -210,7 +211,7 @@ def _ddp_worker(rank, world, port, features, present, weights, objective, chunk,
     local = slice(rank * 4, (rank + 1) * 4)
     feats = {m: f[local].clone().requires_grad_(True) for m, f in features.items()}
     bias = torch.tensor(-2.0, requires_grad=True)
-    loss, _ = contrastive_loss(feats, {m: p[local] for m, p in present.items()}, weights[local], 0.07,
+    loss, *_ = contrastive_loss(feats, {m: p[local] for m, p in present.items()}, weights[local], 0.07,
                                objective=objective, bias=bias, chunk_size=chunk)  # fmt: skip
     loss.backward()
     # DDP averages gradients over ranks: emulate that reduction on the input gradients.
@@ -236,7 +237,7 @@ def test_contrastive_is_exact_under_two_processes(tmp_path, objective, chunk):
 
     single = {m: f.clone().requires_grad_(True) for m, f in features.items()}
     bias = torch.tensor(-2.0, requires_grad=True)
-    loss, _ = contrastive_loss(single, present, weights, 0.07, objective=objective, bias=bias)
+    loss, *_ = contrastive_loss(single, present, weights, 0.07, objective=objective, bias=bias)
     loss.backward()
     if objective == "siglip":  # the bias is a replicated parameter: DDP averages its gradient
         assert (sum(r["bias"] for r in ranks) / 2).item() == pytest.approx(bias.grad.item(), rel=1e-4)
@@ -282,7 +283,7 @@ def test_detach_controls_gradient_through_the_weights(detach):
     features = {m: F.normalize(model.projections[m](output.pooled[m]).float(), dim=-1) for m in model.modalities}
     present = torch.stack([output.present[m] for m in model.modalities], dim=1)
     constant_weights = harmonization_weights(torch.stack(list(features.values()), dim=1), present).detach()
-    reference, _ = contrastive_loss(features, output.present, constant_weights, model.temperature)
+    reference, *_ = contrastive_loss(features, output.present, constant_weights, model.temperature)
     reference_grads = torch.autograd.grad(reference, pooled)
     same = all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(model_grads, reference_grads))
     assert same == detach
@@ -336,3 +337,42 @@ def test_siglip_model_trains_its_bias_and_matches_infonce_projections():
     assert model.logit_bias.grad is not None and model.logit_bias.grad.abs() > 0
     infonce = SCALE(tiny_config())
     assert set(dict(model.named_parameters())) - set(dict(infonce.named_parameters())) == {"logit_bias"}
+
+
+class _NoHostReads(TorchDispatchMode):
+    """Fails on every op that reads a tensor's values on the host: a scalar read (`.item()`,
+    `bool(t)`, `if t`), `nonzero`, and selection by a boolean mask (its size is data-dependent)."""
+
+    SYNCING = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::nonzero_static"}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        if name in self.SYNCING:
+            raise AssertionError(f"host read: {name}")
+        if name == "aten::index" and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else [])
+        ):
+            raise AssertionError("host read: boolean-mask indexing")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("objective", ["infonce", "siglip"])
+def test_contrastive_loss_reads_nothing_on_the_host(objective):
+    """Forward and backward of the loss with absent modalities, a pair without any valid query and
+    harmonization weights: no op reads a value on the host (each would be a GPU sync), and the loss
+    still equals the reference's."""
+    features, present = make_case(seed=5, names=("text", "image", "video", "audio"))
+    present["audio"][:] = False  # three pairs without a query anywhere: left out of the mean by their count
+    present["video"][0] = False  # a query whose own key is absent: masked, not selected
+    leaves = {m: f.clone().requires_grad_(True) for m, f in features.items()}
+    weights = (torch.rand(6, 4, 4) + 0.5).requires_grad_(True)
+    bias = torch.tensor(-2.0, requires_grad=True)
+    with _NoHostReads():
+        loss, per_pair, queries = contrastive_loss(leaves, present, weights, 0.07, objective=objective, bias=bias,
+                                                   chunk_size=4)  # fmt: skip
+        loss.backward()
+    assert queries["image-audio"] == 0 and per_pair["image-audio"] == 0
+    assert all(torch.isfinite(leaf.grad).all() for leaf in leaves.values()) and torch.isfinite(weights.grad).all()
+    assert loss.item() == pytest.approx(
+        (reference_contrastive if objective == "infonce" else reference_siglip)(
+            features, present, weights.detach(), 0.07, *([] if objective == "infonce" else [-2.0])), rel=1e-5)

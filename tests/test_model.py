@@ -172,3 +172,18 @@ def test_modality_absent_from_whole_batch_still_gives_every_parameter_a_gradient
     present = torch.ones(6, 5, dtype=torch.bool)
     present[:, MODALITIES.index("video")] = False
     assert_every_parameter_gets_a_gradient(model, present)
+
+
+def test_losses_without_details_are_the_same_objective_with_fewer_parts():
+    """`details=False` (training steps the logger does not write): the same loss, without the
+    per-pair losses and mean weights whose selection reads counts on the host."""
+    config = tiny_config()
+    torch.manual_seed(0)
+    model = SCALE(config).eval()
+    torch.manual_seed(1)
+    batch = random_batch(config, all_patterns())
+    detailed = model(batch, returns="losses", details=True)
+    plain = model(batch, returns="losses", details=False)
+    assert torch.equal(plain["loss"], detailed["loss"]) and set(plain) < set(detailed)
+    assert not [k for k in plain if k.startswith(("contrastive/", "harmonization/"))]
+    assert [k for k in detailed if k.startswith("contrastive/")] and [k for k in detailed if k.startswith("harmonization/")]

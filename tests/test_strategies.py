@@ -77,7 +77,19 @@ def test_fsdp_on_two_cpu_processes_exports_the_same_from_sharded_and_full_checkp
     assert result.returncode == 0, result.stderr[-3000:]
     ddp = weights(load_checkpoint_model(root / "checkpoints" / "last.ckpt"))
     for name, value in ddp.items():
-        torch.testing.assert_close(exports["sharded"][name], value, rtol=1e-3, atol=1e-5, msg=name)
+        sharded = exports["sharded"][name]
+        if name.endswith("attn.qkv.bias"):
+            # An attention key bias gets a zero gradient in exact arithmetic (it shifts all of a
+            # query's logits alike), so its gradient is float noise that AdamW turns into steps of
+            # up to lr: the two strategies' summation orders then differ by up to lr x steps there.
+            width = value.numel() // 3
+            keys = slice(width, 2 * width)
+            torch.testing.assert_close(sharded[keys], value[keys], rtol=0, atol=4 * 1e-3, msg=name)
+            sharded, value = torch.cat([sharded[:width], sharded[2 * width:]]), torch.cat([value[:width], value[2 * width:]])
+        elif name.endswith("attention.self.key.bias"):  # BERT's, the same
+            torch.testing.assert_close(sharded, value, rtol=0, atol=4 * 1e-3, msg=name)
+            continue
+        torch.testing.assert_close(sharded, value, rtol=1e-3, atol=1e-5, msg=name)
 
 
 def test_export_refuses_a_folder_of_no_known_format(tmp_path):
