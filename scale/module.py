@@ -52,8 +52,11 @@ class SCALEModule(L.LightningModule):
         Args:
             config: the model (encoders, fusion, harmonization, losses).
             optimizer: AdamW, learning rates and schedule.
-            compile: `torch.compile` each encoder and the fusion (dynamic shapes: packed buckets and
-                batches vary in length). Worth it on a GPU for long runs; the first steps compile.
+            compile: `torch.compile` each encoder and the fusion. Packed buckets and batches vary
+                in length: torch's automatic dynamic shapes recompile a module once with dynamic
+                sizes after its first change of shape (`dynamic=True` from the start hits an
+                inductor error on the pinned torch). Worth it on a GPU for long runs; the first
+                steps compile. The packing plan's host reads are graph breaks.
             activation_checkpointing: recompute each transformer block's activations in the
                 backward pass instead of keeping them (memory for larger batches, about a third
                 more compute). The FSDP strategy has its own switch; either one applies it once.
@@ -94,7 +97,7 @@ class SCALEModule(L.LightningModule):
             shard(self.model)
         if self.compile_model:
             for module in (*self.model.encoders.values(), self.model.fusion):
-                module.compile(dynamic=True)
+                module.compile()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         # The ~30 parts only on the steps the logger writes: `self.log` costs about 1 ms a call
