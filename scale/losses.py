@@ -111,8 +111,10 @@ def contrastive_loss(
     batch = next(iter(features.values())).shape[0]
     device = features[names[0]].device
     sizes = gather_sizes(batch, device)
-    keys = {m: gather_with_grad(features[m], sizes) for m in names}
     key_present = {m: gather_no_grad(present[m], sizes) for m in names}
+    # Absent rows hold whatever their modality computed for nothing (NaN even): zeroed, so no
+    # product with their features can reach a gradient.
+    keys = {m: torch.where(key_present[m][:, None], gather_with_grad(features[m], sizes), 0.0) for m in names}
     labels = torch.arange(batch, device=device) + sum(sizes[:rank])
     inverse_temperature = 1.0 / torch.as_tensor(temperature, device=device)
 
@@ -128,7 +130,8 @@ def contrastive_loss(
             scale = inverse_temperature.expand(batch)
             if weight is not None and pair_weighting == "logit_scale":
                 scale = scale * weight
-            per_query = pair_loss(features[q], keys[k], scale, key_present[k], labels, objective, bias, chunk_size, valid)
+            queries_q = torch.where(valid[:, None], features[q], 0.0)
+            per_query = pair_loss(queries_q, keys[k], scale, key_present[k], labels, objective, bias, chunk_size, valid)
             if weight is not None and pair_weighting == "loss_weight":
                 per_query = per_query * weight
             directions.append(per_query.sum())
@@ -137,9 +140,11 @@ def contrastive_loss(
         queries[pair] = count
     # Every projection stays in the graph even when its modality is absent from the whole global
     # batch: DDP without find_unused_parameters requires a gradient for every parameter on every rank.
-    anchor = sum(f.sum() for f in features.values()) * 0.0
+    # A zero through torch.where, not x * 0: that is NaN where x is.
+    never = torch.zeros((), dtype=torch.bool, device=device)
+    anchor = sum(torch.where(never, f, 0.0).sum() for f in features.values())
     if bias is not None:
-        anchor = anchor + bias.sum() * 0.0
+        anchor = anchor + torch.where(never, bias, 0.0).sum()
     if not per_pair:
         return anchor, per_pair, queries
     active = torch.stack([count > 0 for count in queries.values()]).sum().clamp_min(1)

@@ -376,3 +376,20 @@ def test_contrastive_loss_reads_nothing_on_the_host(objective):
     assert loss.item() == pytest.approx(
         (reference_contrastive if objective == "infonce" else reference_siglip)(
             features, present, weights.detach(), 0.07, *([] if objective == "infonce" else [-2.0])), rel=1e-5)
+
+
+@pytest.mark.parametrize("objective", ["infonce", "siglip"])
+def test_nan_in_absent_rows_reaches_neither_loss_nor_gradient(objective):
+    features, present = make_case(seed=2)
+    poisoned = {m: torch.where(present[m][:, None], f, float("nan")) for m, f in features.items()}
+    results = []
+    for case in (features, poisoned):
+        leaves = {m: f.clone().requires_grad_(True) for m, f in case.items()}
+        loss, *_ = contrastive_loss(leaves, present, torch.rand(6, 3, 3, generator=torch.Generator().manual_seed(0)) + 0.5,
+                                    0.07, objective=objective, bias=torch.tensor(-2.0))  # fmt: skip
+        loss.backward()
+        results.append((loss, {m: leaf.grad for m, leaf in leaves.items()}))
+    (clean, clean_grads), (dirty, dirty_grads) = results
+    assert torch.isfinite(dirty) and dirty == clean
+    for m in features:
+        assert torch.isfinite(dirty_grads[m]).all() and torch.equal(dirty_grads[m], clean_grads[m]), m
