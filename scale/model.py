@@ -32,7 +32,7 @@ from transformers.models.bert.modeling_bert import BertLayer
 from scale.config import ModelConfig
 from scale.fusion import Fusion
 from scale.harmonization import harmonization_weights, pair_mask, rescale_to_unit_mean
-from scale.losses import contrastive_loss
+from scale.losses import contrastive_loss, global_sum
 from scale.modalities import build_modalities
 from scale.modalities.base import Encoded, Masked
 
@@ -217,8 +217,8 @@ class SCALE(nn.Module):
                     logs[f"masked/{name}"] = modality.masked_loss(output.fused[name], masked, weight)
                 for extra, value in modality.extra_losses(output.fused[name], masked, weight).items():
                     logs[f"{name}/{extra}"] = value
-            if details and present[:, index].any():
-                logs[f"harmonization/{name}"] = task_weights[present[:, index], index].mean().detach()
+        if details:
+            logs.update(masked_mean_logs(task_weights, present, [f"harmonization/{name}" for name in names]))
         return logs
 
     def _micro_batched_losses(self, batch: Batch, masked_modeling: bool, details: bool = True) -> dict[str, Tensor]:
@@ -295,13 +295,20 @@ def is_loss_term(name: str) -> bool:
     return not name.startswith("harmonization/")
 
 
+def masked_mean_logs(values: Tensor, masks: Tensor, names: list[str]) -> dict[str, Tensor]:
+    """names[k] -> the mean of values[:, k] over masks[:, k], detached, for logging. A name is kept
+    when its mask holds anywhere in the global batch, so every rank logs the same names (validation
+    logs with sync_dist: a name one rank lacks would pair up the wrong collectives); a rank without
+    any of its samples logs 0 for it."""
+    anywhere = global_sum(masks.sum(dim=0).to(torch.float32))
+    sums = torch.where(masks, values.detach(), 0.0).sum(dim=0)
+    means = sums / masks.sum(dim=0).clamp_min(1)
+    return {name: means[k] for k, name in enumerate(names) if anywhere[k] > 0}
+
+
 def pair_weight_logs(pair_weights: Tensor, present: Tensor, names: list[str]) -> dict[str, Tensor]:
     """Mean weight of each modality pair over the samples that have both (symmetrised), for logging."""
-    logs = {}
-    for i, first in enumerate(names):
-        for j in range(i + 1, len(names)):
-            both = present[:, i] & present[:, j]
-            if both.any():
-                symmetric = (pair_weights[both, i, j] + pair_weights[both, j, i]) / 2
-                logs[f"harmonization/{first}-{names[j]}"] = symmetric.mean().detach()
-    return logs
+    pairs = [(i, j) for i in range(len(names)) for j in range(i + 1, len(names))]
+    values = torch.stack([(pair_weights[:, i, j] + pair_weights[:, j, i]) / 2 for i, j in pairs], dim=1)
+    masks = torch.stack([present[:, i] & present[:, j] for i, j in pairs], dim=1)
+    return masked_mean_logs(values, masks, [f"harmonization/{names[i]}-{names[j]}" for i, j in pairs])
