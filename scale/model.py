@@ -136,11 +136,11 @@ class SCALE(nn.Module):
         """The modality's tokens; with `pack_tokens`, computed for the samples that have it only
         (zeros elsewhere; the fusion masks those samples' segments out anyway)."""
         if not self.config.pack_tokens or bool(present.all()):
-            return modality(inputs)
+            return modality.encode(inputs)
         rows = present.nonzero().flatten()
         if rows.numel() == 0:  # still one row through the encoder: every parameter gets a gradient (DDP)
             rows = rows.new_zeros(1)
-        encoded = modality({key: value[rows] for key, value in inputs.items()})
+        encoded = modality.encode({key: value[rows] for key, value in inputs.items()})
         tokens = encoded.tokens.new_zeros((present.shape[0], *encoded.tokens.shape[1:]))
         token_mask = encoded.token_mask.new_zeros((present.shape[0], *encoded.token_mask.shape[1:]))
         return Encoded(tokens=tokens.index_copy(0, rows, encoded.tokens),

@@ -96,8 +96,13 @@ class SCALEModule(L.LightningModule):
         if shard is not None:
             shard(self.model)
         if self.compile_model:
-            for module in (*self.model.encoders.values(), self.model.fusion):
-                module.compile()
+            # An encoder's work is its `encode` method, which the model calls directly:
+            # `Module.compile` replaces only `__call__`, so `encode` itself is compiled. (Not a
+            # module call on purpose: DeepSpeed ZeRO-3 re-gathers a module's parameters for the
+            # backward through hooks on its outputs, which the `Encoded` dataclass would escape.)
+            for modality in self.model.encoders.values():
+                modality.encode = torch.compile(modality.encode)
+            self.model.fusion.compile()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         # The ~30 parts only on the steps the logger writes: `self.log` costs about 1 ms a call

@@ -184,11 +184,6 @@ class Modality(nn.Module):
     def encode(self, inputs: dict[str, Tensor]) -> Encoded:
         raise NotImplementedError
 
-    def forward(self, inputs: dict[str, Tensor]) -> Encoded:
-        """`encode` through the module call, so that module hooks and `Module.compile` (the
-        `compile` switch of `SCALEModule`) reach it."""
-        return self.encode(inputs)
-
     def mask(self, inputs: dict[str, Tensor], present: Tensor) -> Masked | None:
         """Corrupt the inputs for masked modeling; None when the task is disabled."""
         return None
