@@ -399,12 +399,25 @@ def feed(args: argparse.Namespace) -> dict:
 
 
 # ---- 7. micro-batches (feature cache) --------------------------------------------------------------
-def _peak_bytes() -> int:
-    if DEVICE.type == "cuda":
-        return torch.cuda.max_memory_allocated()
-    import resource
+def _status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024  # kB
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+def _reset_peak() -> int:
+    """Start a new memory peak; returns the memory in use now (GPU: allocated; CPU: RSS)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    # Linux: writing 5 to clear_refs resets the RSS high-water mark (VmHWM), which setup raised.
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_bytes("VmRSS")
+
+
+def _peak_bytes() -> int:
+    return torch.cuda.max_memory_allocated() if DEVICE.type == "cuda" else _status_bytes("VmHWM")
 
 
 def _micro_worker(rank: int, quick: bool, batch_size: int, micro_batches: int, steps: int, out: str) -> None:
@@ -418,9 +431,7 @@ def _micro_worker(rank: int, quick: bool, batch_size: int, micro_batches: int, s
         parameter.grad = torch.zeros_like(parameter)
     optimizer.step()
     optimizer.zero_grad(set_to_none=False)
-    if DEVICE.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    before = _peak_bytes()
+    before = _reset_peak()
 
     def step() -> None:
         train_step(model, optimizer, batch)
