@@ -165,12 +165,17 @@ class SCALE(nn.Module):
         harmonization weights; without them nothing is read on the host for logging (on a GPU a
         training step between logging steps then skips those syncs)."""
         logs = self._contrastive_losses(self._contrastive_features(output.pooled), output.present, details)
-        masked = self._masked_losses(output, details)
-        logs.update(masked)
-        logs["loss"] = logs.get("contrastive", torch.zeros((), device=output.present[self.modalities[0]].device))
+        return self._with_total(logs, self._masked_losses(output, details), output.present)
+
+    def _with_total(self, logs: dict[str, Tensor], masked: dict[str, Tensor], present: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The contrastive part's `logs` with the `masked` entries added and `loss`: the
+        contrastive loss plus every masked term (`is_loss_term`)."""
+        total = logs.get("contrastive", torch.zeros((), device=present[self.modalities[0]].device))
         for name, value in masked.items():
             if is_loss_term(name):
-                logs["loss"] = logs["loss"] + value
+                total = total + value
+        logs.update(masked)
+        logs["loss"] = total
         return logs
 
     def _contrastive_features(self, pooled: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -232,8 +237,8 @@ class SCALE(nn.Module):
         data parallelism averages them over ranks."""
         size = batch[self.modalities[0]]["present"].shape[0]
         count = min(self.config.micro_batches, size)
-        pieces = [{m: {key: value.tensor_split(count)[k] for key, value in batch[m].items()} for m in self.modalities}
-                  for k in range(count)]  # fmt: skip
+        splits = {m: {key: value.tensor_split(count) for key, value in batch[m].items()} for m in self.modalities}
+        pieces = [{m: {key: parts[k] for key, parts in splits[m].items()} for m in self.modalities} for k in range(count)]
         results = []
         for piece in pieces:
             if torch.is_grad_enabled():
@@ -242,17 +247,12 @@ class SCALE(nn.Module):
                 results.append(self._piece_losses(piece, masked_modeling, details))
         features = {m: torch.cat([features[m] for features, _, _ in results]) for m in results[0][0]}
         present = {m: torch.cat([present[m] for _, present, _ in results]) for m in self.modalities}
-        logs = self._contrastive_losses(features, present, details)
-        total = logs.get("contrastive", torch.zeros((), device=present[self.modalities[0]].device))
-        for name in dict.fromkeys(name for _, _, masked in results for name in masked):
-            values = [masked[name] for _, _, masked in results if name in masked]
-            if is_loss_term(name):  # every piece has the same terms (the config decides them)
-                logs[name] = torch.stack(values).sum() / count
-                total = total + logs[name]
-            else:
-                logs[name] = torch.stack(values).mean()
-        logs["loss"] = total
-        return logs
+        masked = {}
+        for name in dict.fromkeys(name for _, _, piece_masked in results for name in piece_masked):
+            values = torch.stack([piece_masked[name] for _, _, piece_masked in results if name in piece_masked])
+            # Every piece has the same loss terms (the config decides them): their mean over pieces.
+            masked[name] = values.sum() / count if is_loss_term(name) else values.mean()
+        return self._with_total(self._contrastive_losses(features, present, details), masked, present)
 
     def _piece_losses(self, piece: Batch, masked_modeling: bool,
                       details: bool) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:  # fmt: skip
