@@ -340,6 +340,8 @@ class Direct:
         import torch
         import torchaudio
 
+        from scale.media.audio import kaldi_fbank
+
         config = self.config.audio
         with soundfile.SoundFile(io.BytesIO(sample["wav"])) as sound:  # only the first `seconds` decoded
             rate = sound.samplerate
@@ -348,10 +350,7 @@ class Direct:
         if rate != config.sample_rate:
             wave = torchaudio.functional.resample(wave, rate, config.sample_rate)
         wave = wave[: int(round(config.seconds * config.sample_rate))]
-        fbank = torchaudio.compliance.kaldi.fbank(
-            wave[None], sample_frequency=config.sample_rate, num_mel_bins=config.mel_bins,
-            htk_compat=True, window_type="hanning", use_energy=False, dither=0.0, frame_shift=10.0,
-        )  # fmt: skip
+        fbank = kaldi_fbank(config.sample_rate, config.mel_bins)(wave)  # torchaudio's kaldi.fbank, 3x faster
         fbank = (fbank - config.norm_mean) / config.norm_std
         padded = torch.zeros(config.num_frames, config.mel_bins)
         padded[: fbank.shape[0]] = fbank[: config.num_frames]

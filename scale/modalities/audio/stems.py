@@ -3,11 +3,10 @@ mel spectrogram), one encoder (package docstring: `__init__.py`)."""
 from __future__ import annotations
 
 import torch
-import torchaudio
 from torch import Tensor, nn
 
 from scale.media.arrays import load_npy, pad_rows
-from scale.media.audio import read_wave
+from scale.media.audio import kaldi_fbank, read_wave
 from scale.modalities.audio import AUDIO, MEL, AudioConfig
 from scale.modalities.base import Encoded, Masked, Modality, TensorSpec
 from scale.modalities.masking import MaskedRegression, after_pooled_token, bernoulli_positions
@@ -97,11 +96,7 @@ class WaveformStem(AudioStem):
         wave = read_wave(sample.read(AUDIO), config.seconds, config.sample_rate, context.limits.max_audio_seconds)
         if wave.numel() < int(0.025 * config.sample_rate):
             raise ValueError(f"audio of {wave.numel()} samples is shorter than one 25-ms window")
-        fbank = torchaudio.compliance.kaldi.fbank(
-            wave[None], sample_frequency=config.sample_rate, num_mel_bins=config.mel_bins,
-            htk_compat=True, window_type="hanning", use_energy=False, dither=0.0, frame_shift=10.0,
-        )  # fmt: skip
-        return cls.normalised(fbank, config)
+        return cls.normalised(kaldi_fbank(config.sample_rate, config.mel_bins)(wave), config)
 
 
 class MelStem(AudioStem):
