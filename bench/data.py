@@ -58,6 +58,8 @@ if str(ROOT) not in sys.path:
 
 MODALITIES = ("text", "table", "image", "video", "audio")
 TARGET_RATIO = 0.90
+SHRINK = 256
+"""`scale shards --shrink-images` side of the benchmark's downscaled images (img2dataset's default)."""
 
 
 # ---- the benchmark media -------------------------------------------------------------------------
@@ -546,13 +548,18 @@ def throughput_rows(measured: dict, paths: list[str]) -> list[dict]:
 
 
 # ---- frames extracted at conversion ---------------------------------------------------------------
-def build_strip_shards(shards: Path, samples: list[dict[str, bytes]], frames: int, size: int) -> tuple[Path, float, float]:
-    """The same samples with the frame strip `scale shards --extract-frames` adds (`frames.jpg`),
-    cached beside the shard set; returns (folder, CPU s per video to extract, strip KB)."""
+def build_strip_shards(shards: Path, samples: list[dict[str, bytes]], frames: int, size: int,
+                       shrink: int = 0) -> tuple[Path, float, float]:  # fmt: skip
+    """The same samples with the frame strip `scale shards --extract-frames` adds (`frames.jpg`)
+    and, with `shrink`, the downscaled image `--shrink-images` adds (`small.jpg`), cached beside
+    the shard set; returns (folder, CPU s per video to extract, strip KB)."""
+    from PIL import Image
+
     from datamodules.limits import DataLimits
+    from scale.media.image import shrink_image, shrunk_size
     from scale.media.video import extract_strip
 
-    folder = shards.parent / f"{shards.name}-strips-{frames}x{size}"
+    folder = shards.parent / (f"{shards.name}-strips-{frames}x{size}" + (f"-small-{shrink}" if shrink else ""))
     stats = folder / "strips.json"
     if stats.is_file():
         values = json.loads(stats.read_text())
@@ -562,6 +569,11 @@ def build_strip_shards(shards: Path, samples: list[dict[str, bytes]], frames: in
     for index, sample in enumerate(samples):
         members.append((f"bench{index:06d}", {**sample, "frames.jpg": extract_strip(sample["mp4"], frames, size, limits)}))
     extract = (cpu_seconds() - start) / len(samples)
+    for _, files in members if shrink else ():
+        with Image.open(io.BytesIO(files["jpg"])) as image:
+            small = shrunk_size(*image.size, shrink)
+        if small:
+            files["small.jpg"] = shrink_image(files["jpg"], list(small), limits.max_image_pixels)
     strip_kb = statistics.mean(len(files["frames.jpg"]) for _, files in members) / 1024
     _write_tar(folder / "shard-000000.tar", members)
     (folder / "sizes.json").write_text(json.dumps({"shard-000000.tar": len(members)}))
@@ -569,12 +581,15 @@ def build_strip_shards(shards: Path, samples: list[dict[str, bytes]], frames: in
     return folder, extract, strip_kb
 
 
-def measure_strips(strips: Path, base: dict, paths: list[str], batch_size: int, repeats: int) -> dict[str, float]:
-    """Pipeline rates (samples per CPU-second) of video alone and all five from the strip shards."""
+def measure_strips(strips: Path, base: dict, paths: list[str], batch_size: int, repeats: int,
+                   alone: str | None = "video") -> dict[str, float]:  # fmt: skip
+    """Pipeline rates (samples per CPU-second) of all five (and the modality `alone`, on its own)
+    from the strip shards."""
     from scale.config import ModelConfig
 
-    configs = {"video": ModelConfig.from_dict({**base, "modalities": ["video"]}),
-               "all": ModelConfig.from_dict({**base, "modalities": list(MODALITIES)})}  # fmt: skip
+    configs = {"all": ModelConfig.from_dict({**base, "modalities": list(MODALITIES)})}
+    if alone:
+        configs[alone] = ModelConfig.from_dict({**base, "modalities": [alone]})
     rates: dict[str, float] = {}
     for _ in range(repeats):
         for name, config in configs.items():
@@ -661,6 +676,11 @@ def report(results: dict) -> str:
         mp4 = next(row["pipeline"] for row in r["rows"] if row["path"] == path and row["modality"] == ("all five" if name == "all" else name))
         lines.append(f"  {('all five' if name == 'all' else name):<10} {path:<6} {rate:.2f} samples/s/core from the strip, "
                      f"{mp4:.2f} from the MP4: x{rate / mp4:.1f}")  # fmt: skip
+    sm = results["small_images"]
+    lines.append(f"\nand images downscaled at conversion (scale shards --shrink-images {sm['side']}):")
+    for key, rate in sm["rates"].items():
+        name, path = key.split("/")
+        lines.append(f"  {('all five' if name == 'all' else name):<10} {path:<6} {rate:.2f} samples/s/core")
     g = results["gpu"]
     counted = g.get("measured_train_gflops_per_sample")
     lines += [
@@ -677,7 +697,8 @@ def report(results: dict) -> str:
     ]  # fmt: skip
     for path, value in g["cores_per_gpu"].items():
         lines.append(f"  cores per GPU ({path} pipeline, {g['pipeline_rate'][path]:.2f} samples/s/core): {value:.0f}; "
-                     f"with frames extracted at conversion: {g['cores_per_gpu_with_strips'][path]:.0f}")
+                     f"with frames extracted at conversion: {g['cores_per_gpu_with_strips'][path]:.0f}; and images "
+                     f"shrunk to {SHRINK}: {g['cores_per_gpu_with_strips_and_small_images'][path]:.0f}")
     lines += [
         f"  cores per GPU at the sum-of-parts limit ({g['limit_rate']:.2f} samples/s/core): "
         f"{g['cores_per_gpu_at_limit']:.0f}",
@@ -742,6 +763,8 @@ def main(argv: list[str] | None = None) -> dict:
     video = compare_video(samples, config.video.frames, config.video.size, args.video_compare)
     strips, extract_s, strip_kb = build_strip_shards(shards, samples, config.video.frames, config.video.size)
     strip_rates = measure_strips(strips, base, paths, args.batch_size, repeats)
+    small, _, _ = build_strip_shards(shards, samples, config.video.frames, config.video.size, shrink=SHRINK)
+    small_rates = measure_strips(small, base, paths, args.batch_size, repeats, alone="image")
     measure_seconds = time.time() - measure_start
 
     flops = count_flops(base, backward=not args.quick)
@@ -782,6 +805,7 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "video": {"videos": min(args.video_compare, len(samples)), "methods": video},
         "strips": {"extract_cpu_s_per_video": extract_s, "strip_kb": strip_kb, "rates": strip_rates},
+        "small_images": {"side": SHRINK, "rates": small_rates},
         "gpu": {
             "parameters": flops["parameters"],
             "forward_gflops_per_sample": flops["forward_flops_per_sample"] / 1e9,
@@ -796,6 +820,7 @@ def main(argv: list[str] | None = None) -> dict:
             "pipeline_rate": pipeline_rate,
             "cores_per_gpu": {path: gpu_rate / rate for path, rate in pipeline_rate.items()},
             "cores_per_gpu_with_strips": {path: gpu_rate / strip_rates[f"all/{path}"] for path in paths},
+            "cores_per_gpu_with_strips_and_small_images": {path: gpu_rate / small_rates[f"all/{path}"] for path in paths},
             "limit_rate": limit,
             "cores_per_gpu_at_limit": gpu_rate / limit,
             "limit_rate_without_video": limit_without_video,

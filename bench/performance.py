@@ -17,7 +17,8 @@
    and on M5Product-like batches, packed (`pack_tokens`) and padded; target: an absent modality
    costs at most 10 % of a present one.
 6. feed: CPU cores per GPU needed to feed configs/base.yaml from raw media (bench/data.py), decoding
-   the MP4s and with the frames extracted at conversion (`scale shards --extract-frames`).
+   the MP4s, with the frames extracted at conversion (`scale shards --extract-frames`) and with
+   the images downscaled at conversion too (`--shrink-images 256`).
 7. micro: the features config's training step with the batch in 1 and in 4 micro-batches
    (`micro_batches`, the contrastive loss still over the whole batch): s/step and the peak memory
    above weights, gradients and optimizer state (peak RSS on CPU, allocated on a GPU), each in a
@@ -394,6 +395,7 @@ def feed(args: argparse.Namespace) -> dict:
     results = json.loads((out / "results.json").read_text())
     gpu = results["gpu"]
     return {"cores_per_gpu": gpu["cores_per_gpu"], "cores_per_gpu_with_strips": gpu["cores_per_gpu_with_strips"],
+            "cores_per_gpu_with_strips_and_small_images": gpu["cores_per_gpu_with_strips_and_small_images"],
             "cores_per_gpu_without_video": gpu["cores_per_gpu_at_limit_without_video"],
             "gpu_samples_per_s": gpu["gpu_samples_per_s"], "measured_gpu_rate": gpu["measured_gpu_rate"], "target": 16}
 
@@ -503,8 +505,10 @@ def report(results: dict) -> str:
         rate = "measured" if f["measured_gpu_rate"] else "assumed"
         cores = ", ".join(f"{k} {v:.0f}" for k, v in f["cores_per_gpu"].items())
         strips = ", ".join(f"{k} {v:.0f}" for k, v in f["cores_per_gpu_with_strips"].items())
+        small = ", ".join(f"{k} {v:.0f}" for k, v in f["cores_per_gpu_with_strips_and_small_images"].items())
         lines.append(f"\n6. raw media feed: cores per GPU at {f['gpu_samples_per_s']:.0f} samples/s per GPU ({rate}), target <= {f['target']}:")
         lines.append(f"  decoding the MP4s: {cores}; frames extracted at conversion (--extract-frames): {strips}; "
+                     f"and images downscaled (--shrink-images): {small}; "
                      f"no video decode at all (features stem): {f['cores_per_gpu_without_video']:.0f}")
     if "micro" in results:
         m = results["micro"]

@@ -2,7 +2,7 @@
 
     scale shards --src RAW --out OUT [--layout auto|jsonl|official] [--max-count N] [--max-bytes N]
                  [--processes N] [--meta FILE] [--image-dir image ...] [--no-derive]
-                 [--extract-frames TxS] [--overwrite]
+                 [--extract-frames TxS] [--shrink-images S] [--overwrite]
 
 Input: a release in either layout of `datamodules/sources.py` (the demo's meta.jsonl + media, or the
 official JSON + per-modality folders). Output, in OUT (the shard format: `scale/shard_format.py`):
@@ -476,6 +476,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--extract-frames", type=_frames_and_size, metavar="TxS",
       help="also store T frames of S x S pixels sampled from each MP4 as one JPEG (frames.jpg), decoded by the "
            "`frames` stem instead of the MP4 when video.frames is T and video.size S, e.g. 12x112")
+    a("--shrink-images", type=_side, default=0, metavar="S",
+      help="also store each image whose shorter side is over S downscaled to S (small.jpg), decoded by the "
+           "`pixels` stem instead of the original when image.size <= S, e.g. 256")
     a("--overwrite", action="store_true", help="replace a conversion of another source / settings in OUT")
 
 
@@ -486,13 +489,20 @@ def _frames_and_size(text: str) -> tuple[int, int]:
     return int(match[1]), int(match[2])
 
 
+def _side(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"not a side in pixels: {text!r} (e.g. 256)")
+    return int(text)
+
+
 def run(args: argparse.Namespace) -> None:
     dirs = {name: getattr(args, f"{name}_dir") for name in DEFAULT_DIRS}
     try:
         frames, size = args.extract_frames or (0, DataLimits().extract_size)
         s = write_shards(args.src, args.out, args.max_count, args.max_bytes, processes=args.processes,
                          layout=args.layout, meta=args.meta, dirs=dirs, derive=args.derive,
-                         limits=DataLimits(extract_frames=frames, extract_size=size),
+                         limits=DataLimits(extract_frames=frames, extract_size=size,
+                                           shrink_images=args.shrink_images),
                          overwrite=args.overwrite, log=lambda line: print(line, flush=True))
     except BrokenProcessPool:
         sys.exit(f"scale shards: error: a shard-writing process died (out of memory? killed?); finished shards "

@@ -60,6 +60,12 @@ def check_image(data: bytes, limits) -> None:
             raise MediaError(f"{image.format}: {error}", reason) from None
 
 
+def shorter_side(data: bytes, max_pixels: int | None = None) -> int:
+    """The shorter side in pixels of an image, from its header."""
+    with open_image(data, max_pixels) as image:
+        return min(image.size)
+
+
 def decode_image(data: bytes, transform, max_pixels: int | None = None, size: int | None = None):
     """Image bytes -> `transform(RGB image)`. `size` lets a JPEG decode at 1/2, 1/4 or 1/8 scale
     (DCT scaling, much faster) while staying at least size x size for the transform's resize."""
@@ -67,3 +73,42 @@ def decode_image(data: bytes, transform, max_pixels: int | None = None, size: in
         if size is not None:
             image.draft("RGB", (size, size))  # no-op for formats other than JPEG
         return transform(image.convert("RGB"))  # a truncated or corrupt file raises here
+
+
+SMALL_QUALITY = 90
+"""JPEG quality of a downscaled copy (`shrink_image`), 4:4:4 as the frame strips."""
+
+
+def shrunk_size(width: int, height: int, side: int) -> tuple[int, int] | None:
+    """(width, height) scaled so the shorter side is `side`; None when it is that small already."""
+    shorter = min(width, height)
+    if shorter <= side:
+        return None
+    return max(1, round(width * side / shorter)), max(1, round(height * side / shorter))
+
+
+def probe_shrink(path: str, side: int) -> list[int] | None:
+    """At planning: the [width, height] a downscaled copy of the image file at `path` will have,
+    from its header (PIL reads no pixel); None when no copy is needed or the file is unusable (the
+    image's own check reports that)."""
+    try:
+        with Image.open(path, formats=IMAGE_FORMATS) as image:
+            size = shrunk_size(*image.size, side)
+    except Exception:  # unreadable: counted by check_image, not here
+        return None
+    return list(size) if size else None
+
+
+def shrink_image(data: bytes, size: list[int], max_pixels: int | None) -> bytes:
+    """The image resized to `size` ([width, height], from `probe_shrink`) as a JPEG (bicubic,
+    antialiased; decoded at a DCT scale of at least that size first)."""
+    width, height = size
+    with open_image(data, max_pixels) as image:
+        try:
+            image.draft("RGB", (width, height))
+            small = image.convert("RGB").resize((width, height), Image.Resampling.BICUBIC)
+        except Exception as error:
+            raise MediaError(f"{image.format}: {error}", "corrupt") from None
+    buffer = io.BytesIO()
+    small.save(buffer, "JPEG", quality=SMALL_QUALITY, subsampling=0)
+    return buffer.getvalue()

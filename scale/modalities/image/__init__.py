@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from scale.bounds import AT_LEAST_1, POSITIVE, SHARE
+from scale.bounds import AT_LEAST_0, AT_LEAST_1, POSITIVE, SHARE
 from scale.media.arrays import check_npy
-from scale.media.image import check_image
-from scale.modalities.spec import FileField, ModalitySpec, TrunkConfig
+from scale.media.image import check_image, probe_shrink, shrink_image
+from scale.modalities.spec import Derived, FileField, ModalitySpec, TrunkConfig
 
 MB = 2**20
 
@@ -72,11 +72,34 @@ class ImageLimits:
     """Largest image file (encoded bytes) decoded."""
     max_image_pixels: int = 40_000_000
     """Largest width x height of an image, read from its header before decoding (decompression bombs)."""
+    shrink_images: int = 0
+    """Converter only (`scale shards --shrink-images S`): each image whose shorter side is over S
+    is also stored downscaled to that side (`small.jpg`, JPEG quality 90); 0: none. The `pixels`
+    stem decodes it instead of the original when its shorter side is at least `image.size`
+    (docs/performance.md: what it saves)."""
 
-    BOUNDS = {"max_image_bytes": AT_LEAST_1, "max_image_pixels": AT_LEAST_1}
+    BOUNDS = {"max_image_bytes": AT_LEAST_1, "max_image_pixels": AT_LEAST_1, "shrink_images": AT_LEAST_0}
+
+
+def _small_budget(image_path: str, limits: Any) -> list[int] | None:
+    return probe_shrink(image_path, limits.shrink_images) if limits.shrink_images > 0 else None
+
+
+def _small_bound(size: list[int]) -> int:
+    return 3 * size[0] * size[1] + 65536  # raw RGB: more than any JPEG of it at quality 90, plus headers
+
+
+def _shrink(image: bytes, size: list[int], limits: Any) -> bytes:
+    return shrink_image(image, size, limits.max_image_pixels)
 
 
 IMAGE = FileField("image", {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}, "max_image_bytes", check_image)
+SMALL_IMAGE = FileField(
+    "image_small", {".jpg": "small.jpg"}, "max_image_bytes", check_image,
+    # With `--shrink-images`, every large product image is downscaled once at conversion.
+    derive=Derived(member="small.jpg", source="image", probe=_small_budget, bound=_small_bound, make=_shrink,
+                   reason="images_shrunk"),
+)  # fmt: skip
 REGIONS = FileField("image_regions", {".npy": "regions.npy"}, "max_npy_bytes", check_npy)
 BOXES = FileField("image_boxes", {".npy": "boxes.npy"}, "max_npy_bytes", check_npy)
 BOX_DIM = 5
@@ -106,5 +129,5 @@ def _resolve_timm_folder(config: Any, directory: Path) -> None:
         config.image.pretrained = str(directory / TIMM_FOLDER)
 
 
-MODALITY = ModalitySpec(name="image", config=ImageConfig, fields=(IMAGE, REGIONS, BOXES), stems="scale.modalities.image.stems",
+MODALITY = ModalitySpec(name="image", config=ImageConfig, fields=(IMAGE, SMALL_IMAGE, REGIONS, BOXES), stems="scale.modalities.image.stems",
                         limits=ImageLimits, check_members=pair_regions_and_boxes, resolve_assets=_resolve_timm_folder)  # fmt: skip

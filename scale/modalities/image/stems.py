@@ -3,6 +3,7 @@ what each reads and how is in the package docstring (`__init__.py`)."""
 from __future__ import annotations
 
 import pickle
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,9 @@ from torch import Tensor, nn
 
 from scale.media import MediaError
 from scale.media.arrays import load_npy, pad_rows
-from scale.media.image import decode_image
+from scale.media.image import decode_image, shorter_side
 from scale.modalities.base import BuildContext, Encoded, Masked, Modality, TensorSpec, first_slots_real
-from scale.modalities.image import BOX_DIM, BOXES, IMAGE, REGIONS, TIMM_FOLDER, ImageConfig
+from scale.modalities.image import BOX_DIM, BOXES, IMAGE, REGIONS, SMALL_IMAGE, TIMM_FOLDER, ImageConfig
 from scale.modalities.masking import MaskedRegression, after_pooled_token, mask_slots
 from scale.modalities.spec import DecodeContext, RawSample
 from scale.modalities.transformer import MeanTokenTrunk
@@ -94,7 +95,7 @@ def _mismatches(expected: dict[str, Tensor], found: dict[str, Any]) -> Iterator[
 class PixelStem(Modality):
     modality = "image"
     stem = "pixels"
-    reads = (IMAGE,)
+    reads = (SMALL_IMAGE, IMAGE)
 
     def __init__(self, config: ImageConfig, width: int, load_weights: bool = True):
         super().__init__()
@@ -135,8 +136,22 @@ class PixelStem(Modality):
 
     @classmethod
     def decode(cls, sample: RawSample, config: ImageConfig, context: DecodeContext) -> dict[str, Tensor]:
+        """The downscaled copy made at conversion (`small.jpg`) when its shorter side is at least
+        `size`, else the image file -> (3, size, size) normalised."""
         transform = context.cached("image_transform", lambda: cls.transform(config))
-        return {"pixels": decode_image(sample.read(IMAGE), transform, context.limits.max_image_pixels, config.size)}
+        max_pixels = context.limits.max_image_pixels
+        data = sample.read(SMALL_IMAGE) if sample.has(SMALL_IMAGE) else None
+        if data is not None and (side := shorter_side(data, max_pixels)) < config.size:
+            if not sample.has(IMAGE):
+                raise MediaError(f"small.jpg is {side} px on its shorter side, image.size {config.size} needs the "
+                                 f"original image, which this product lacks", "small_mismatch")  # fmt: skip
+            warnings.warn(f"small.jpg is {side} px on its shorter side, under image.size {config.size}: decoding the "
+                          f"original images instead (slower); convert with `scale shards --shrink-images "
+                          f"{config.size}` or more", stacklevel=2)  # fmt: skip
+            data = None
+        if data is None:
+            data = sample.read(IMAGE)
+        return {"pixels": decode_image(data, transform, max_pixels, config.size)}
 
     @property
     def num_tokens(self) -> int:
