@@ -4,6 +4,7 @@ per session (real JPEG/MP4/WAV files and real tar shards)."""
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,17 @@ def tiny_config(**overrides) -> ModelConfig:
     data = yaml.safe_load(TINY_YAML.read_text())["model"]["config"]
     data.update(overrides)
     return ModelConfig.from_dict(data)
+
+
+def one_batch_and_warnings(shards: Path, config: ModelConfig) -> tuple[dict, list[str]]:
+    """The whole (small) shard set as one evaluation batch, and the warnings its decoding raised."""
+    from datamodules.m5product import eval_dataloader
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batches = list(eval_dataloader(str(shards), config, batch_size=64))
+    assert len(batches) == 1
+    return batches[0], [str(w.message) for w in caught]
 
 
 @pytest.fixture(scope="session")

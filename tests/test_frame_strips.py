@@ -6,18 +6,16 @@ from __future__ import annotations
 import subprocess
 import sys
 import tarfile
-import warnings
 
 import numpy as np
 import pytest
 import torch
 
 from datamodules.limits import DataLimits
-from datamodules.m5product import eval_dataloader
 from datamodules.shards import write_shards
 from scale.media import MediaError
 from scale.media.video import extract_strip, frames_to_strip, read_frames, strip_to_frames
-from tests.conftest import ROOT, tiny_config
+from tests.conftest import ROOT, one_batch_and_warnings, tiny_config
 
 
 def _members(shards):
@@ -26,14 +24,6 @@ def _members(shards):
         with tarfile.open(path) as tar:
             names += tar.getnames()
     return names
-
-
-def _batches(shards, config):
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        batches = list(eval_dataloader(str(shards), config, batch_size=64))
-    assert len(batches) == 1
-    return batches[0], [str(w.message) for w in caught]
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +53,8 @@ def test_every_video_gets_one_strip_and_the_report_counts_them(converted):
 def test_the_stem_reads_the_strip_with_the_frames_the_mp4_gives(converted):
     """The same samples, the same frames up to JPEG's rounding; every other modality bitwise equal."""
     config = tiny_config()
-    plain, _ = _batches(converted["plain"], config)
-    strip, messages = _batches(converted["matching"], config)
+    plain, _ = one_batch_and_warnings(converted["plain"], config)
+    strip, messages = one_batch_and_warnings(converted["matching"], config)
     assert not [m for m in messages if "frames.jpg" in m]
     assert plain["key"] == strip["key"]
     present = plain["video"]["present"]
@@ -85,8 +75,8 @@ def test_the_stem_reads_the_strip_with_the_frames_the_mp4_gives(converted):
 
 def test_strips_of_another_shape_fall_back_to_the_mp4_with_a_warning(converted):
     config = tiny_config()
-    plain, _ = _batches(converted["plain"], config)
-    other, messages = _batches(converted["other"], config)
+    plain, _ = one_batch_and_warnings(converted["plain"], config)
+    other, messages = one_batch_and_warnings(converted["other"], config)
     assert torch.equal(plain["video"]["frames"], other["video"]["frames"])
     assert any("--extract-frames 3x32" in m for m in messages), messages
 

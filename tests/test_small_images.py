@@ -7,18 +7,16 @@ import io
 import subprocess
 import sys
 import tarfile
-import warnings
 
 import pytest
 import torch
 from PIL import Image
 
 from datamodules.limits import DataLimits
-from datamodules.m5product import eval_dataloader
 from datamodules.shards import write_shards
 from scale.media import MediaError
 from scale.media.image import shrink_image, shrunk_size
-from tests.conftest import ROOT, tiny_config
+from tests.conftest import ROOT, one_batch_and_warnings, tiny_config
 
 
 def _members(shards) -> dict[str, bytes]:
@@ -27,14 +25,6 @@ def _members(shards) -> dict[str, bytes]:
         with tarfile.open(path) as tar:
             members.update({m.name: tar.extractfile(m).read() for m in tar.getmembers()})
     return members
-
-
-def _batch(shards, config):
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        batches = list(eval_dataloader(str(shards), config, batch_size=64))
-    assert len(batches) == 1
-    return batches[0], [str(w.message) for w in caught]
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +59,8 @@ def test_the_stem_reads_the_small_copy_and_sees_the_same_image(converted):
     """The same samples, the same pixels up to a second resampling and JPEG's rounding; every
     other modality bitwise equal."""
     config = tiny_config()
-    plain, _ = _batch(converted["plain"], config)
-    small, messages = _batch(converted[40], config)
+    plain, _ = one_batch_and_warnings(converted["plain"], config)
+    small, messages = one_batch_and_warnings(converted[40], config)
     assert not [m for m in messages if "small.jpg" in m]
     assert plain["key"] == small["key"]
     present = plain["image"]["present"]
@@ -89,8 +79,8 @@ def test_the_stem_reads_the_small_copy_and_sees_the_same_image(converted):
 
 def test_copies_smaller_than_the_config_fall_back_to_the_original_with_a_warning(converted):
     config = tiny_config()
-    plain, _ = _batch(converted["plain"], config)
-    under, messages = _batch(converted[24], config)
+    plain, _ = one_batch_and_warnings(converted["plain"], config)
+    under, messages = one_batch_and_warnings(converted[24], config)
     assert torch.equal(plain["image"]["pixels"], under["image"]["pixels"])
     assert any("small.jpg is 24 px" in m and "--shrink-images 32" in m for m in messages), messages
 
