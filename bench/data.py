@@ -553,10 +553,8 @@ def build_strip_shards(shards: Path, samples: list[dict[str, bytes]], frames: in
     """The same samples with the frame strip `scale shards --extract-frames` adds (`frames.jpg`)
     and, with `shrink`, the downscaled image `--shrink-images` adds (`small.jpg`), cached beside
     the shard set; returns (folder, CPU s per video to extract, strip KB)."""
-    from PIL import Image
-
     from datamodules.limits import DataLimits
-    from scale.media.image import shrink_image, shrunk_size
+    from scale.media.image import probe_shrink, shrink_image
     from scale.media.video import extract_strip
 
     folder = shards.parent / (f"{shards.name}-strips-{frames}x{size}" + (f"-small-{shrink}" if shrink else ""))
@@ -570,10 +568,8 @@ def build_strip_shards(shards: Path, samples: list[dict[str, bytes]], frames: in
         members.append((f"bench{index:06d}", {**sample, "frames.jpg": extract_strip(sample["mp4"], frames, size, limits)}))
     extract = (cpu_seconds() - start) / len(samples)
     for _, files in members if shrink else ():
-        with Image.open(io.BytesIO(files["jpg"])) as image:
-            small = shrunk_size(*image.size, shrink)
-        if small:
-            files["small.jpg"] = shrink_image(files["jpg"], list(small), limits.max_image_pixels)
+        if small := probe_shrink(io.BytesIO(files["jpg"]), shrink):
+            files["small.jpg"] = shrink_image(files["jpg"], small, limits.max_image_pixels)
     strip_kb = statistics.mean(len(files["frames.jpg"]) for _, files in members) / 1024
     _write_tar(folder / "shard-000000.tar", members)
     (folder / "sizes.json").write_text(json.dumps({"shard-000000.tar": len(members)}))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import BinaryIO
 
 from PIL import Image, UnidentifiedImageError
 
@@ -66,13 +67,23 @@ def shorter_side(data: bytes, max_pixels: int | None = None) -> int:
         return min(image.size)
 
 
-def decode_image(data: bytes, transform, max_pixels: int | None = None, size: int | None = None):
+def decode_image(data: bytes, transform, max_pixels: int | None = None, size: int | None = None,
+                 min_side: int | None = None):  # fmt: skip
     """Image bytes -> `transform(RGB image)`. `size` lets a JPEG decode at 1/2, 1/4 or 1/8 scale
-    (DCT scaling, much faster) while staying at least size x size for the transform's resize."""
+    (DCT scaling, much faster) while staying at least size x size for the transform's resize.
+    None, with nothing decoded, when the header's shorter side is under `min_side`."""
     with open_image(data, max_pixels) as image:
+        if min_side is not None and min(image.size) < min_side:
+            return None
         if size is not None:
             image.draft("RGB", (size, size))  # no-op for formats other than JPEG
         return transform(image.convert("RGB"))  # a truncated or corrupt file raises here
+
+
+def jpeg_bound(pixels: int) -> int:
+    """Bytes to reserve for a JPEG the converter makes of `pixels` RGB pixels: more than any JPEG
+    of them at quality 90 takes (their raw bytes), plus headers."""
+    return 3 * pixels + 65536
 
 
 SMALL_QUALITY = 90
@@ -87,12 +98,12 @@ def shrunk_size(width: int, height: int, side: int) -> tuple[int, int] | None:
     return max(1, round(width * side / shorter)), max(1, round(height * side / shorter))
 
 
-def probe_shrink(path: str, side: int) -> list[int] | None:
-    """At planning: the [width, height] a downscaled copy of the image file at `path` will have,
-    from its header (PIL reads no pixel); None when no copy is needed or the file is unusable (the
-    image's own check reports that)."""
+def probe_shrink(source: str | BinaryIO, side: int) -> list[int] | None:
+    """At planning: the [width, height] a downscaled copy of the image (a path or an open file)
+    will have, from its header (PIL reads no pixel); None when no copy is needed or the file is
+    unusable (the image's own check reports that)."""
     try:
-        with Image.open(path, formats=IMAGE_FORMATS) as image:
+        with Image.open(source, formats=IMAGE_FORMATS) as image:
             size = shrunk_size(*image.size, side)
     except Exception:  # unreadable: counted by check_image, not here
         return None

@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 from scale.bounds import AT_LEAST_0, AT_LEAST_1, POSITIVE, SHARE
 from scale.media.arrays import check_npy
-from scale.media.image import check_image, probe_shrink, shrink_image
+from scale.media.image import check_image, jpeg_bound, probe_shrink, shrink_image
 from scale.modalities.spec import Derived, FileField, ModalitySpec, TrunkConfig
 
 MB = 2**20
@@ -86,7 +86,7 @@ def _small_budget(image_path: str, limits: Any) -> list[int] | None:
 
 
 def _small_bound(size: list[int]) -> int:
-    return 3 * size[0] * size[1] + 65536  # raw RGB: more than any JPEG of it at quality 90, plus headers
+    return jpeg_bound(size[0] * size[1])
 
 
 def _shrink(image: bytes, size: list[int], limits: Any) -> bytes:

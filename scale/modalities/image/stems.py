@@ -140,18 +140,19 @@ class PixelStem(Modality):
         `size`, else the image file -> (3, size, size) normalised."""
         transform = context.cached("image_transform", lambda: cls.transform(config))
         max_pixels = context.limits.max_image_pixels
-        data = sample.read(SMALL_IMAGE) if sample.has(SMALL_IMAGE) else None
-        if data is not None and (side := shorter_side(data, max_pixels)) < config.size:
+        if sample.has(SMALL_IMAGE):
+            small = sample.read(SMALL_IMAGE)
+            pixels = decode_image(small, transform, max_pixels, config.size, min_side=config.size)
+            if pixels is not None:
+                return {"pixels": pixels}
+            side = shorter_side(small, max_pixels)
             if not sample.has(IMAGE):
                 raise MediaError(f"small.jpg is {side} px on its shorter side, image.size {config.size} needs the "
                                  f"original image, which this product lacks", "small_mismatch")  # fmt: skip
             warnings.warn(f"small.jpg is {side} px on its shorter side, under image.size {config.size}: decoding the "
                           f"original images instead (slower); convert with `scale shards --shrink-images "
                           f"{config.size}` or more", stacklevel=2)  # fmt: skip
-            data = None
-        if data is None:
-            data = sample.read(IMAGE)
-        return {"pixels": decode_image(data, transform, max_pixels, config.size)}
+        return {"pixels": decode_image(sample.read(IMAGE), transform, max_pixels, config.size)}
 
     @property
     def num_tokens(self) -> int:

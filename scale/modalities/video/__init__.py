@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 from scale.bounds import AT_LEAST_0, AT_LEAST_1, POSITIVE
 from scale.media.arrays import check_npy
+from scale.media.image import jpeg_bound
 from scale.media.video import check_strip, check_video, extract_strip
 from scale.modalities.spec import Derived, FileField, ModalitySpec, TrunkConfig
 
@@ -95,7 +96,7 @@ def _strip_budget(video_path: str, limits: Any) -> list[int] | None:
 
 def _strip_bound(budget: list[int]) -> int:
     frames, size = budget
-    return 3 * frames * size * size + 65536  # raw RGB: more than any JPEG of it at quality 90, plus headers
+    return jpeg_bound(frames * size * size)
 
 
 def _extract_strip(video: bytes, budget: list[int], limits: Any) -> bytes:
