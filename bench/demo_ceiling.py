@@ -10,8 +10,9 @@ random. An embedding can pass it only with instance cues (listings of one instan
 category). With `--model EXPORT --data SHARDS` it also prints the export's and the random
 initialisation's own projection per modality beside it (as `scale evaluate --compare-random`).
 On the smoke run's 300 held-out products (seed 1): text .542, table .414, image .372, video .470,
-audio .556, while the random initialisation already scores image .366 and audio .535
-(docs/measured.md, "Does every modality learn?").
+audio .556. Before the demo's random-hue region and random tones (2026-12-03) the random
+initialisation already scored image .366 and audio .535; now .157 and .268 (docs/measured.md,
+"Does every modality learn?").
 """
 
 from __future__ import annotations

@@ -43,9 +43,17 @@ so no single modality is a perfect label but fusing them helps:
 
 - title: brand + 2-3 category words + 2-4 generic filler words, shuffled;
 - table: 3-5 category key/value pairs plus brand and model pairs, shuffled;
-- image: category-hue background + noise, a category-kind shape in the instance colour/position;
-- video: a category-hue blob moving in the category direction over an instance-coloured background;
-- audio: category base tone + instance harmonic + noise, under an attack/decay envelope.
+- image: category-hue background, a region of a random hue (``CLUTTER_SHARE``) and noise, a
+  category-kind shape in the instance colour/position;
+- video: a blob in the instance colour moving in the category direction over a category-hue
+  background (the image's layout: category around, instance in the object);
+- audio: category base tone + instance harmonic + two tones at random pitches (``CHATTER_*``) +
+  noise, under an attack/decay envelope.
+
+The random hue region and the random tones are there so that an encoder has to *learn* the
+category: without them the category is the image's mean colour and the clip's loudest pitch, which
+random features already keep, and training could not beat its own initialisation on them
+(docs/measured.md, "Does every modality learn?").
 
 ``noisy_title_rate`` replaces that share of titles with another random product's title (the
 M5Product "title poorly matched" noise). Output is deterministic: every product draws from an RNG
@@ -83,6 +91,14 @@ MODALITIES: tuple[str, ...] = BUILTIN
 products, see `tests/test_sixth_modality.py`)."""
 CONFUSION = 0.25
 """Chance that one modality of one product shows a random other category's cues."""
+CHATTER_TONES, CHATTER_LEVEL = 2, 0.7
+"""Background tones at random pitches in every clip (of the category tones' range, each at this
+amplitude relative to the base tone): the base tone is then not the clip's loudest pitch by
+construction, so an untrained audio encoder does not read the category for free."""
+CLUTTER_SHARE = (0.25, 0.5)
+"""Range of the share of each image covered by a region of a random hue (a straight edge at a random
+angle): the category hue is then not the image's mean colour by construction, so an untrained image
+encoder does not read the category for free (the image's counterpart of the audio's chatter)."""
 
 _FILES = {"image": "images/{}.jpg", "video": "videos/{}.mp4", "audio": "audios/{}.wav"}
 LAYOUTS = ("jsonl", "official")
@@ -270,6 +286,11 @@ def _image(job: dict, rng: np.random.Generator) -> np.ndarray:
     bg = _hsv(cat["hue"] + rng.normal(0, 0.015), rng.uniform(0.45, 0.75), rng.uniform(0.6, 0.9))
     img = np.full((n, n, 3), bg, np.float32)
     yy, xx = np.mgrid[0:n, 0:n] / n
+    # A half-plane through the centre covers half the image; moving its edge by c along its normal
+    # covers about 0.5 - c of it (exact for edges parallel to a side, close enough at other angles).
+    a, c = rng.uniform(0, 2 * np.pi), 0.5 - rng.uniform(*CLUTTER_SHARE)
+    img[(xx - 0.5) * np.cos(a) + (yy - 0.5) * np.sin(a) > c] = _hsv(
+        rng.random(), rng.uniform(0.45, 0.75), rng.uniform(0.6, 0.9))
     cx, cy = inst["pos"] + rng.normal(0, 0.03, 2)
     img[_MASKS[cat["shape"]](xx - cx, yy - cy, inst["radius"] * rng.uniform(0.9, 1.1))] = (
         inst["colour"] * rng.uniform(0.9, 1.1))
@@ -280,11 +301,12 @@ def _image(job: dict, rng: np.random.Generator) -> np.ndarray:
 def _video(job: dict, rng: np.random.Generator) -> np.ndarray:
     n, t = job["video_size"], max(1, round(job["video_seconds"] * job["fps"]))
     cat, inst = job["cats"]["video"], job["inst"]
-    frames = np.full((t, n, n, 3), inst["colour"] * rng.uniform(0.85, 1.0), np.float32)
+    bg = _hsv(cat["hue"] + rng.normal(0, 0.015), rng.uniform(0.45, 0.75), rng.uniform(0.6, 0.9))
+    frames = np.full((t, n, n, 3), bg, np.float32)
     yy, xx = np.mgrid[0:n, 0:n] / n
     d = np.array([np.cos(cat["angle"]), np.sin(cat["angle"])])
     start = 0.5 - 0.3 * d + rng.normal(0, 0.04, 2)
-    blob = _hsv(cat["hue"] + rng.normal(0, 0.015), 0.85, 0.95)
+    blob = inst["colour"] * rng.uniform(0.9, 1.1)
     for k in range(t):
         cx, cy = start + 0.6 * d * k / max(t - 1, 1)
         frames[k][(xx - cx) ** 2 + (yy - cy) ** 2 < 0.18**2] = blob
@@ -298,8 +320,11 @@ def _audio(job: dict, rng: np.random.Generator) -> np.ndarray:
     f0 = job["cats"]["audio"]["tone"] * (1 + inst["detune"]) * (1 + rng.normal(0, 0.005))
     wave = np.sin(2 * np.pi * f0 * t) + inst["harm"] * np.sin(
         2 * np.pi * f0 * inst["ratio"] * t + rng.uniform(0, 2 * np.pi))
+    chatter = CHATTER_LEVEL * sum(np.sin(2 * np.pi * f * t + rng.uniform(0, 2 * np.pi))
+                                  for f in 220.0 * 2 ** rng.uniform(0, 3, CHATTER_TONES))
     env = np.minimum(1.0, t / 0.05) * np.exp(-1.5 * t / max(job["audio_seconds"], 1e-3))
-    wave = 0.6 * env * wave / (1 + inst["harm"]) + rng.normal(0, 0.02, t.shape)
+    wave = 0.6 * env * (wave + chatter) / (1 + inst["harm"] + CHATTER_LEVEL * CHATTER_TONES)
+    wave = wave + rng.normal(0, 0.02, t.shape)
     return np.clip(wave, -1, 1).astype(np.float32)
 
 

@@ -81,12 +81,13 @@ class PixelPatches(nn.Module):
     The per-pixel nonlinearity is what lets the token say *which colours are where in the frame*,
     not just its mean colour: a patch convolution straight on the pixels followed by the average is
     linear, so the token was a function of the frame's mean patch, and a product's small coloured
-    object (the demo's category blob over an instance-coloured background) could not be told from a
-    different background tint. With the linear stem, the smoke run's video embedding scored the
-    coarse mAP@10 of its random initialisation (0.187 vs 0.189; docs/measured.md). The peak branch
-    is what makes the small object visible at all: on the smoke run's held-out products, the
-    random-initialisation video embedding scores coarse mAP@10 0.204 without it and 0.422 with it
-    (a perfect detector of the category each video shows: 0.470)."""
+    object (then the demo's category blob over an instance-coloured background; since 2026-12-03
+    the demo puts the instance in the blob) could not be told from a different background tint.
+    With the linear stem, the smoke run's video embedding scored the coarse mAP@10 of its random
+    initialisation (0.187 vs 0.189; docs/measured.md). The peak branch is what makes the small
+    object visible at all: on that demo's held-out products, the random-initialisation video
+    embedding scored coarse mAP@10 0.204 without it and 0.422 with it (a perfect detector of the
+    category each video shows: 0.470)."""
 
     colour_features = 16
     """Per-pixel features: cheap (the patch convolution reads 16 instead of 3 channels)."""
