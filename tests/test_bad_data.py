@@ -145,11 +145,10 @@ def test_truncated_and_corrupt_jpeg_make_the_image_absent(decoder, media):
 
 
 def test_decompression_bomb_header_is_refused_before_decoding(decoder, media, monkeypatch):
-    """A 3-KB JPEG whose header claims 30000 x 30000 (2.7 GB of RGB) is refused from the header:
-    fast, and without the allocation. 8000 x 6000 is under PIL's own bomb check (which only warns
+    """A 3-KB JPEG whose header claims 30000 x 30000 (2.7 GB of RGB) is refused from the header,
+    without the allocation (the peak memory stays within 200 MB). 8000 x 6000 is under PIL's own bomb check (which only warns
     below 2x Image.MAX_IMAGE_PIXELS) but over max_image_pixels: refused by ours."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    start = time.perf_counter()
     for width, height in ((30000, 30000), (8000, 6000)):
         bomb = with_jpeg_size(media["jpg"], width, height)
         with monkeypatch.context() as patch:
@@ -158,7 +157,6 @@ def test_decompression_bomb_header_is_refused_before_decoding(decoder, media, mo
                 assert image.size == (width, height)  # the header really claims it
         decoded = decoder({"__key__": f"bomb{width}", "json": record(), "jpg": bomb})
         assert not present(decoded)["image"] and present(decoded)["text"]
-    assert time.perf_counter() - start < 2.0
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 200 * 1024
     assert errors(decoder) == {"image": 2, "image: too large": 2}
 
@@ -229,14 +227,12 @@ def test_video_timeout_kills_the_helper_and_the_next_call_works(decoder, media, 
     start = time.perf_counter()
     with pytest.raises(TimeoutError, match="exceeded 0.5 s"):
         read_frames(data, 3, 32, timeout_s=0.5)
-    assert time.perf_counter() - start < 2.0
+    assert time.perf_counter() - start < 30  # returned at the limit, not after the helper's 60-s sleep
     hung = SampleDecoder(decoder.config, DataLimits(video_timeout_s=0.5))
     decoded = hung({"__key__": "hang", "json": record(), "mp4": data})  # a hung helper again
     assert not present(decoded)["video"] and errors(hung) == {"video": 1, "video: timeout": 1}
     monkeypatch.undo()
-    start = time.perf_counter()
     np.testing.assert_array_equal(read_frames(data, 3, 32, timeout_s=10), expected)
-    assert time.perf_counter() - start < 2.0
 
 
 def test_a_crashing_decoder_process_is_reported_and_replaced(media, monkeypatch):
@@ -372,13 +368,24 @@ def test_bad_title_and_table_values(decoder):
     assert errors(decoder) == {"text": 2, "table": 3}
 
 
-def test_megabyte_title_is_cut_before_tokenising(config):
+def test_megabyte_title_is_cut_before_tokenising(config, monkeypatch):
+    """The tokenizer's cost grows with its input however little it keeps: it never sees more than
+    the limits (asserted on what it is given, not on a wall clock, which a loaded machine breaks)."""
     decoder = SampleDecoder(config, DataLimits(max_json_bytes=4 * 2**20))
     title = "kettle " * 150_000  # ~1 MB
     decoder({"__key__": "warm", "json": record()})  # loads the tokenizer
-    start = time.perf_counter()
+    tokenizer, seen = decoder.context.tokenizer, []
+    tokenize = type(tokenizer).__call__
+
+    def spy(self, text, *args, **kwargs):
+        seen.append(sum(map(len, text)) if isinstance(text, list) else len(text))
+        return tokenize(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(type(tokenizer), "__call__", spy)
     decoded = decoder({"__key__": "long", "json": record(title=title, table="k#:#" + "v " * 500_000)})
-    assert time.perf_counter() - start < 1.0
+    monkeypatch.undo()
+    limits = decoder.limits
+    assert seen and max(seen) <= max(limits.max_title_chars, limits.max_table_chars), seen
     cut = decoder({"__key__": "cut", "json": record(title=title[: decoder.limits.max_title_chars])})
     torch.testing.assert_close(decoded["text"]["input_ids"], cut["text"]["input_ids"])
     assert present(decoded)["text"] and present(decoded)["table"] and not errors(decoder)
