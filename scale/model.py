@@ -122,7 +122,7 @@ class SCALE(nn.Module):
         present = {name: batch[name]["present"].bool() for name in self.encoders}
         encoded, masked = {}, {}
         for name, modality in self.encoders.items():
-            inputs = modality.sanitize(batch[name], present[name])
+            inputs = modality.sanitize(modality.prepare(batch[name]), present[name])
             corrupted = modality.mask(inputs, present[name]) if masked_modeling else None
             if corrupted is not None:
                 masked[name] = corrupted

@@ -100,3 +100,31 @@ def test_pixel_limits_are_checked_from_the_header_before_any_decode():
     decoded = decoder({"__key__": "bomb", "json": json.dumps({"title": "t"}).encode(), "png": bomb})
     assert not decoded["image"]["present"] and decoder.errors["image: too large"] == 1
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 200 * 1024
+
+
+def test_pixels_leave_the_workers_as_bytes_and_are_normalised_on_the_device():
+    """The loader ships uint8 images and frames (a quarter of float pixels' bytes); the stems'
+    `prepare` gives exactly what timm's float transform (and the former in-worker normalisation)
+    gave, in the parameters' dtype, and takes floats as already normalised."""
+    import torch
+
+    from scale.model import SCALE
+    from scale.modalities.image.stems import PixelStem
+    from tests.test_bad_data import mp4, record
+
+    config = tiny_config()
+    data = encoded("JPEG", 64, 48, seed=3)
+    decoded = SampleDecoder(config)({"__key__": "x", "json": record(), "jpg": data, "mp4": mp4(size=48)})
+    pixels, frames = decoded["image"]["pixels"], decoded["video"]["frames"]
+    assert pixels.dtype == frames.dtype == torch.uint8 and decoded["video"]["present"]
+    model = SCALE(config)
+    image, video = model.encoders["image"], model.encoders["video"]
+    with Image.open(io.BytesIO(data)) as opened:
+        timm_pixels = PixelStem.transform(config.image)(opened.convert("RGB"))
+    assert torch.equal(image.prepare({"pixels": pixels[None]})["pixels"][0], timm_pixels)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (config.video.mean, config.video.std))
+    torch.testing.assert_close(video.prepare({"frames": frames[None]})["frames"][0], (frames.float() / 255 - mean) / std,
+                               atol=0, rtol=0)  # fmt: skip
+    assert torch.equal(image.prepare({"pixels": timm_pixels[None]})["pixels"][0], timm_pixels)  # floats: as given
+    image.to(torch.bfloat16)  # precision: bf16-true
+    assert image.prepare({"pixels": pixels[None]})["pixels"].dtype == torch.bfloat16

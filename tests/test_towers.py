@@ -119,8 +119,8 @@ def test_timm_image_loads_every_way_timm_offers_with_the_towers_features(run):
         "file overlay": timm.create_model(config["architecture"], pretrained=True, **config["model_args"],
                                           pretrained_cfg_overlay={"file": weights}),
     }  # fmt: skip
-    pixels = batch["image"]["pixels"]
     stem = model.encoders["image"]
+    pixels = stem.prepare(batch["image"])["pixels"]  # the loader's uint8, normalised as in training
     with torch.no_grad():
         expected = stem.vit.forward_features(pixels)
         for way, vit in loaded.items():

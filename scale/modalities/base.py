@@ -7,8 +7,9 @@ picked by name with `<modality>.stem`, and a subclass of `Modality`:
   declares the per-sample tensor keys, shapes and dtypes (the batch layout), `decode` turns a
   shard sample's bytes into those tensors, `absent` is the placeholder of a sample without the
   modality, `example` gives valid random inputs (tests, benchmarks);
-- its *model half* is the encoder module: `encode` (tokens in the fusion width), `mask` (corrupt
-  its own inputs for masked modeling) and `masked_loss` (score them from the fused tokens).
+- its *model half* is the encoder module: `prepare` (the device half of decoding, e.g. uint8
+  pixels to normalised floats), `encode` (tokens in the fusion width), `mask` (corrupt its own
+  inputs for masked modeling) and `masked_loss` (score them from the fused tokens).
 
 What a modality declares besides its stems (config, limits, fields) is in `spec.py`; everything
 else (the model builder, the decoder, the collate, the converter's field table, the test fixtures)
@@ -130,7 +131,7 @@ class Modality(nn.Module):
     @classmethod
     def example(cls, config: Any, batch: int) -> dict[str, Tensor]:
         """Valid random inputs for `batch` samples (tests and benchmarks; torch's global generator):
-        floats standard normal, flags true, integers their placeholder. Stems whose inputs have
+        floats standard normal, flags true, bytes (pixels) uniform, other integers their placeholder. Stems whose inputs have
         structure (token ids, masks of real slots) override it."""
         out = {}
         for key, spec in cls.tensors(config).items():
@@ -139,6 +140,8 @@ class Modality(nn.Module):
                 out[key] = torch.randn(shape, dtype=spec.dtype)
             elif spec.dtype == torch.bool:
                 out[key] = torch.ones(shape, dtype=torch.bool)
+            elif spec.dtype == torch.uint8:  # pixels
+                out[key] = torch.randint(0, 256, shape, dtype=torch.uint8)
             else:
                 out[key] = torch.full(shape, spec.fill, dtype=spec.dtype)
         return out
@@ -171,6 +174,18 @@ class Modality(nn.Module):
     def num_tokens(self) -> int:
         """Length of the token sequence `encode` returns (pooled token included)."""
         raise NotImplementedError
+
+    def prepare(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The device half of decoding, run on the batch before everything else (default: none):
+        what is cheaper on the accelerator than in the data workers, such as turning uint8 pixels
+        into normalised floats."""
+        return inputs
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The dtype `prepare` makes floats in: the stem's parameters' (float32 under autocast,
+        bfloat16 under `precision: bf16-true`)."""
+        return next((p.dtype for p in self.parameters() if p.is_floating_point()), torch.float32)
 
     def sanitize(self, inputs: dict[str, Tensor], present: Tensor) -> dict[str, Tensor]:
         """Every input of an absent sample set to its placeholder (torch.where: NaN cannot survive)."""

@@ -15,10 +15,12 @@ from timm.data import create_transform
 from timm.models import load_state_dict
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
+from torchvision import transforms
 
 from scale.media import MediaError
 from scale.media.arrays import load_npy, pad_rows
 from scale.media.image import decode_image, shorter_side
+from scale.media.pixels import normalise_pixels
 from scale.modalities.base import BuildContext, Encoded, Masked, Modality, TensorSpec, first_slots_real
 from scale.modalities.image import BOX_DIM, BOXES, IMAGE, REGIONS, SMALL_IMAGE, TIMM_FOLDER, ImageConfig
 from scale.modalities.masking import MaskedRegression, after_pooled_token, mask_slots
@@ -126,19 +128,34 @@ class PixelStem(Modality):
 
     @classmethod
     def tensors(cls, config: ImageConfig) -> dict[str, TensorSpec]:
-        return {"pixels": TensorSpec((3, config.size, config.size), torch.float32)}
+        # Bytes: normalised on the device (`prepare`), a quarter of float pixels' collate and copy.
+        return {"pixels": TensorSpec((3, config.size, config.size), torch.uint8)}
 
     @staticmethod
     def transform(config: ImageConfig):
-        """timm's eval transform of the image tower: resize, centre crop, tensor, normalise."""
+        """timm's eval transform of the image tower: resize, centre crop, tensor, normalise (what a
+        user feeds the exported timm tower; the loader stops before the tensor, `byte_transform`)."""
         return create_transform(input_size=(3, config.size, config.size), mean=config.mean, std=config.std,
                                 interpolation="bicubic", crop_pct=1.0, is_training=False)  # fmt: skip
 
     @classmethod
+    def byte_transform(cls, config: ImageConfig):
+        """`transform`'s resize and crop, then the uint8 (3, size, size) tensor: the float steps it
+        drops (`ToTensor`, `Normalize`) are `prepare`'s, on the device."""
+        steps = cls.transform(config).transforms
+        if [type(step).__name__ for step in steps[-2:]] != ["MaybeToTensor", "Normalize"]:
+            raise RuntimeError(f"timm's eval transform changed: {steps}")  # a timm upgrade: look again
+        return transforms.Compose([*steps[:-2], transforms.PILToTensor()])
+
+    def prepare(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        pixels = normalise_pixels(inputs["pixels"], self.config.mean, self.config.std, self.input_dtype)
+        return {**inputs, "pixels": pixels}
+
+    @classmethod
     def decode(cls, sample: RawSample, config: ImageConfig, context: DecodeContext) -> dict[str, Tensor]:
         """The downscaled copy made at conversion (`small.jpg`) when its shorter side is at least
-        `size`, else the image file -> (3, size, size) normalised."""
-        transform = context.cached("image_transform", lambda: cls.transform(config))
+        `size`, else the image file -> (3, size, size) uint8."""
+        transform = context.cached("image_bytes_transform", lambda: cls.byte_transform(config))
         max_pixels = context.limits.max_image_pixels
         if sample.has(SMALL_IMAGE):
             small = sample.read(SMALL_IMAGE)

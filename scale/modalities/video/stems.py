@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from scale.media import MediaError
 from scale.media.arrays import load_npy, pad_rows
+from scale.media.pixels import normalise_pixels
 from scale.media.video import read_frames, strip_to_frames
 from scale.modalities.base import BuildContext, Encoded, Masked, Modality, TensorSpec, first_slots_real
 from scale.modalities.image.stems import image_trunk
@@ -120,13 +121,18 @@ class FrameStem(VideoStem):
 
     @classmethod
     def tensors(cls, config: VideoConfig) -> dict[str, TensorSpec]:
-        return {"frames": TensorSpec((config.frames, 3, config.size, config.size), torch.float32)}
+        # Bytes: normalised on the device (`prepare`), a quarter of float frames' collate and copy.
+        return {"frames": TensorSpec((config.frames, 3, config.size, config.size), torch.uint8)}
+
+    def prepare(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        frames = normalise_pixels(inputs["frames"], self.config.mean, self.config.std, self.input_dtype)
+        return {**inputs, "frames": frames}
 
     @classmethod
     def decode(cls, sample: RawSample, config: VideoConfig, context: DecodeContext) -> dict[str, Tensor]:
         """The frames extracted at conversion (`frames.jpg`) when they are `frames` at `size`, else
         the MP4 decoded, under the limits' time and header limits -> (frames, 3, size, size)
-        normalised."""
+        uint8."""
         limits = context.limits
         frames = None
         if sample.has(FRAME_STRIP):
@@ -143,8 +149,7 @@ class FrameStem(VideoStem):
         if frames is None:
             frames = read_frames(sample.read(VIDEO), config.frames, config.size, timeout_s=limits.video_timeout_s,
                                  max_pixels=limits.max_video_pixels, max_seconds=limits.max_video_seconds)  # fmt: skip
-        mean, std = (torch.tensor(values).view(1, 3, 1, 1) for values in (config.mean, config.std))
-        return {"frames": (torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255.0 - mean) / std}
+        return {"frames": torch.from_numpy(frames).permute(0, 3, 1, 2)}
 
     def real_frames(self, inputs: dict[str, Tensor]) -> Tensor:
         frames = inputs["frames"]
