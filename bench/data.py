@@ -291,18 +291,19 @@ class Direct:
     """Bytes -> tensors with the libraries called directly, mirroring datamodules/decode.py."""
 
     def __init__(self, config):
-        import torch
         from timm.data import create_transform
+        from torchvision import transforms
 
         from scale.pretrained_paths import resolve
         from transformers import AutoTokenizer
 
         self.config = config
         image = config.image
-        self.transform = create_transform(input_size=(3, image.size, image.size), mean=image.mean, std=image.std,
-                                          interpolation="bicubic", crop_pct=1.0, is_training=False)  # fmt: skip
-        self.mean = torch.tensor(image.mean).view(1, 3, 1, 1)
-        self.std = torch.tensor(image.std).view(1, 3, 1, 1)
+        timm_eval = create_transform(input_size=(3, image.size, image.size), mean=image.mean, std=image.std,
+                                     interpolation="bicubic", crop_pct=1.0, is_training=False)  # fmt: skip
+        # Its resize and crop, then uint8: pixels and frames are normalised on the device, as the
+        # pipeline's (and the fbank computed there), so neither side does that work here.
+        self.transform = transforms.Compose([*timm_eval.transforms[:-2], transforms.PILToTensor()])
         self.tokenizer = AutoTokenizer.from_pretrained(str(resolve(config.tokenizer)), local_files_only=True)
 
     def text(self, sample):
@@ -335,14 +336,12 @@ class Direct:
         # helper process and header checks (decord, its fallback, is compared in the video table).
         config = self.config.video
         frames = torch.from_numpy(video_pyav_seek(sample["mp4"], config.frames, config.size))
-        return (frames.permute(0, 3, 1, 2).float() / 255.0 - self.mean) / self.std
+        return frames.permute(0, 3, 1, 2)
 
     def audio(self, sample):
         import soundfile
         import torch
         import torchaudio
-
-        from scale.media.audio import kaldi_fbank
 
         config = self.config.audio
         with soundfile.SoundFile(io.BytesIO(sample["wav"])) as sound:  # only the first `seconds` decoded
@@ -351,12 +350,11 @@ class Direct:
         wave = torch.from_numpy(wave.mean(axis=1))
         if rate != config.sample_rate:
             wave = torchaudio.functional.resample(wave, rate, config.sample_rate)
-        wave = wave[: int(round(config.seconds * config.sample_rate))]
-        fbank = kaldi_fbank(config.sample_rate, config.mel_bins)(wave)  # torchaudio's kaldi.fbank, 3x faster
-        fbank = (fbank - config.norm_mean) / config.norm_std
-        padded = torch.zeros(config.num_frames, config.mel_bins)
-        padded[: fbank.shape[0]] = fbank[: config.num_frames]
-        return padded, min(fbank.shape[0], config.num_frames)
+        samples = int(round(config.seconds * config.sample_rate))
+        wave = wave[:samples]
+        padded = torch.zeros(samples)
+        padded[: wave.numel()] = wave
+        return padded, wave.numel()
 
 
 def frame_indices(available: int, wanted: int) -> list[int]:

@@ -68,7 +68,30 @@ def test_the_stem_decodes_what_torchaudio_gives(tmp_path):
         class limits:
             max_audio_seconds = None
 
-    decoded = WaveformStem.decode(Sample(), config, Context())
+    decoded = WaveformStem.decode(Sample(), config, Context())  # in a data worker: the wave
+    assert decoded["samples"] == len(wave) and not decoded["wave"][len(wave):].any()
+    prepared = WaveformStem.fbank(decoded["wave"][None], decoded["samples"][None], config)  # on the device
     reference = WaveformStem.normalised(torchaudio_fbank(torch.from_numpy(wave), rate, config.mel_bins), config)
-    assert decoded["length"] == reference["length"] < WaveformStem.frames(config)
-    torch.testing.assert_close(decoded["fbank"], reference["fbank"], rtol=0, atol=1e-5)
+    assert prepared["length"][0] == reference["length"] < WaveformStem.frames(config)
+    torch.testing.assert_close(prepared["fbank"][0], reference["fbank"], rtol=0, atol=1e-5)
+
+
+def test_a_batch_of_clips_gives_each_clips_own_fbank():
+    """The device computes the fbank of a whole batch of zero-padded waves at once: each clip's is
+    the one it has alone, zero past its own frames (a full, a short, a one-window clip, an absent one)."""
+    config = ModelConfig().audio
+    full = WaveformStem.samples(config)
+    lengths = [full, full - 3000, 400, 0]
+    rng = np.random.default_rng(1)
+    waves = torch.zeros(len(lengths), full)
+    for row, n in enumerate(lengths):
+        waves[row, :n] = torch.from_numpy((0.2 * rng.standard_normal(n)).astype("float32"))
+    batch = WaveformStem.fbank(waves, torch.tensor(lengths), config)
+    assert batch["fbank"].shape == (len(lengths), WaveformStem.frames(config), config.mel_bins)
+    for row, n in enumerate(lengths[:-1]):
+        alone = WaveformStem.normalised(kaldi_fbank(config.sample_rate, config.mel_bins)(waves[row, :n]), config)
+        assert batch["length"][row] == alone["length"]
+        torch.testing.assert_close(batch["fbank"][row], alone["fbank"], rtol=0, atol=1e-5)
+    assert batch["length"][-1] == 0 and not batch["fbank"][-1].any()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16-mixed training: the fbank stays float32
+        assert WaveformStem.fbank(waves, torch.tensor(lengths), config)["fbank"].dtype == torch.float32

@@ -89,7 +89,9 @@ def test_decoder_shapes_presence_and_collate(demo_shards):
     assert batch["table"]["entity_index"].shape == (7, config.table.max_tokens)
     assert batch["image"]["pixels"].shape == (7, 3, config.image.size, config.image.size)
     assert batch["video"]["frames"].shape == (7, config.video.frames, 3, config.video.size, config.video.size)
-    assert batch["audio"]["fbank"].shape == (7, config.audio.num_frames, config.audio.mel_bins)
+    # Audio leaves the workers as waves; the fbank is computed on the device (`prepare`).
+    samples = int(round(config.audio.seconds * config.audio.sample_rate))
+    assert batch["audio"]["wave"].shape == (7, samples) and batch["audio"]["samples"].shape == (7,)
     # Presence follows the raw metadata (the demo set has missing video/audio/table).
     products = {json.loads(l)["id"]: json.loads(l) for l in (demo_shards["raw_eval"] / "meta.jsonl").read_text().splitlines()}
     for b in batches:

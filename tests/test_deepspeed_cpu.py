@@ -59,4 +59,8 @@ def test_zero2_and_zero3_checkpoints_export_the_engine_weights(demo_shards, tmp_
             q3, k3, v3 = other.chunk(3)
             torch.testing.assert_close(k3, k, rtol=0, atol=1e-4, msg=name)
             value, other = torch.cat([q, v]), torch.cat([q3, v3])
-        torch.testing.assert_close(other, value, rtol=1e-4, atol=1e-6, msg=name)
+        # Everything else agrees to rounding. Adam turns the rounding of a near-zero gradient into
+        # a step of its own (up to lr per step), so a few entries (the word embeddings of tokens
+        # seen once, measured 1.9e-6 on the demo since 2026-12-03) differ by more than float
+        # rounding; a stage losing or repeating an update would differ by about lr, 1e-3.
+        torch.testing.assert_close(other, value, rtol=1e-4, atol=2e-5, msg=name)

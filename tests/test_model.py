@@ -61,7 +61,7 @@ def test_gradients_reach_inputs_only_where_present(model):
     torch.manual_seed(2)
     present = all_patterns()
     batch = random_batch(model.config, present)
-    for name in ("image", "video"):  # uint8 from the loader: the float pixels that gradients reach
+    for name in ("image", "video", "audio"):  # the prepared inputs (floats) that gradients reach
         batch[name] = model.encoders[name].prepare(batch[name])
     leaves = {"image": batch["image"]["pixels"], "video": batch["video"]["frames"], "audio": batch["audio"]["fbank"]}
     for tensor in leaves.values():

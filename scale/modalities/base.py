@@ -178,8 +178,14 @@ class Modality(nn.Module):
     def prepare(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
         """The device half of decoding, run on the batch before everything else (default: none):
         what is cheaper on the accelerator than in the data workers, such as turning uint8 pixels
-        into normalised floats."""
+        into normalised floats or waves into filterbanks. It hands on `prepared_tensors`, and
+        leaves inputs it has already prepared as they are (calling it twice changes nothing)."""
         return inputs
+
+    @classmethod
+    def prepared_tensors(cls, config: Any) -> dict[str, TensorSpec]:
+        """What `prepare` hands to the encoder (default: the batch's `tensors`)."""
+        return cls.tensors(config)
 
     @property
     def input_dtype(self) -> torch.dtype:
@@ -188,9 +194,10 @@ class Modality(nn.Module):
         return next((p.dtype for p in self.parameters() if p.is_floating_point()), torch.float32)
 
     def sanitize(self, inputs: dict[str, Tensor], present: Tensor) -> dict[str, Tensor]:
-        """Every input of an absent sample set to its placeholder (torch.where: NaN cannot survive)."""
+        """Every prepared input of an absent sample set to its placeholder (torch.where: NaN cannot
+        survive)."""
         clean = dict(inputs)
-        for key, spec in self.tensors(self.config).items():
+        for key, spec in self.prepared_tensors(self.config).items():
             value = inputs[key]
             keep = present.view(-1, *([1] * (value.dim() - 1)))
             clean[key] = torch.where(keep, value, torch.full((), spec.fill, dtype=value.dtype, device=value.device))

@@ -2,10 +2,11 @@
 
 Two stems with the same encoder (`stems.py`); they differ in where the frames come from:
 - `waveform` (`WaveformStem`): the audio file (WAV, FLAC or MP3, or the video's sound track, which
-  the converter keeps as FLAC) decoded here and turned into Kaldi fbank frames
-  (`scale.media.audio.KaldiFbank`, torchaudio's `kaldi.fbank` within float rounding, 3x faster);
+  the converter keeps as FLAC) decoded to a wave in the data workers and turned into Kaldi fbank
+  frames on the device, a batch at once (`scale.media.audio.KaldiFbank`, torchaudio's
+  `kaldi.fbank` within float rounding, 3x faster);
 - `features` (`MelStem`): M5Product's released mel spectrogram (80 x 751, transposed).
-Both arrive as (num_frames, mel_bins) frames plus a valid frame count `length`; tokens past
+Both reach the encoder as (num_frames, mel_bins) frames plus a valid frame count `length`; tokens past
 `length` are padding, masked out of attention. A mean token is prepended, as in the official model.
 Masked audio modeling zeroes 15 % of the real tokens (at least one) and regresses their original
 frame values (the official model's target is its mel frames, too).

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from scale.media.arrays import load_npy, pad_rows
-from scale.media.audio import kaldi_fbank, read_wave
+from scale.media.audio import fbank_frames, kaldi_fbank, read_wave
 from scale.modalities.audio import AUDIO, MEL, AudioConfig
 from scale.modalities.base import Encoded, Masked, Modality, TensorSpec
 from scale.modalities.masking import MaskedRegression, after_pooled_token, bernoulli_positions
@@ -32,9 +32,14 @@ class AudioStem(Modality):
         raise NotImplementedError
 
     @classmethod
-    def tensors(cls, config: AudioConfig) -> dict[str, TensorSpec]:
+    def prepared_tensors(cls, config: AudioConfig) -> dict[str, TensorSpec]:
+        """What the encoder reads: normalised fbank frames and their valid count."""
         return {"fbank": TensorSpec((cls.frames(config), config.mel_bins), torch.float32),
                 "length": TensorSpec((), torch.long)}  # fmt: skip
+
+    @classmethod
+    def tensors(cls, config: AudioConfig) -> dict[str, TensorSpec]:
+        return cls.prepared_tensors(config)  # the features stem's batch is already that
 
     @classmethod
     def example(cls, config: AudioConfig, batch: int) -> dict[str, Tensor]:
@@ -80,23 +85,63 @@ class AudioStem(Modality):
 
 
 class WaveformStem(AudioStem):
+    """The data workers decode the first `seconds` of the file to a wave; the Kaldi fbank is
+    computed from it on the device, for the whole batch at once (`prepare`): it was the largest
+    part of a product's decode in the workers (docs/performance.md, section 6) and costs next to
+    nothing on a GPU."""
+
     stem = "waveform"
     reads = (AUDIO,)
 
     @classmethod
+    def samples(cls, config: AudioConfig) -> int:
+        """Wave samples per clip: `seconds` at `sample_rate`."""
+        return int(round(config.seconds * config.sample_rate))
+
+    @classmethod
     def frames(cls, config: AudioConfig) -> int:
         """The fbank frames of `seconds` of audio (25-ms window, 10-ms shift, Kaldi snip-edges)."""
-        samples = int(round(config.seconds * config.sample_rate))
-        window, shift = int(0.025 * config.sample_rate), int(0.010 * config.sample_rate)
-        return 1 + (samples - window) // shift
+        return fbank_frames(cls.samples(config), config.sample_rate)
+
+    @classmethod
+    def tensors(cls, config: AudioConfig) -> dict[str, TensorSpec]:
+        return {"wave": TensorSpec((cls.samples(config),), torch.float32), "samples": TensorSpec((), torch.long)}
+
+    @classmethod
+    def example(cls, config: AudioConfig, batch: int) -> dict[str, Tensor]:
+        samples = cls.samples(config)
+        return {"wave": 0.1 * torch.randn(batch, samples), "samples": torch.full((batch,), samples)}
 
     @classmethod
     def decode(cls, sample: RawSample, config: AudioConfig, context: DecodeContext) -> dict[str, Tensor]:
-        """WAV / FLAC / MP3 bytes -> Kaldi fbank of the first `seconds`; sub-window audio is unusable."""
+        """WAV / FLAC / MP3 bytes -> the first `seconds` as a mono wave at `sample_rate`, zero-padded,
+        and its sample count; sub-window audio is unusable."""
         wave = read_wave(sample.read(AUDIO), config.seconds, config.sample_rate, context.limits.max_audio_seconds)
         if wave.numel() < int(0.025 * config.sample_rate):
             raise ValueError(f"audio of {wave.numel()} samples is shorter than one 25-ms window")
-        return cls.normalised(kaldi_fbank(config.sample_rate, config.mel_bins)(wave), config)
+        padded = torch.zeros(cls.samples(config))
+        padded[: wave.numel()] = wave
+        return {"wave": padded, "samples": torch.tensor(wave.numel())}
+
+    @classmethod
+    def fbank(cls, wave: Tensor, samples: Tensor, config: AudioConfig) -> dict[str, Tensor]:
+        """(B, samples) zero-padded waves and their sample counts -> the normalised fbank frames,
+        zero past each clip's frames, and the frame counts: `normalised` of each clip's own fbank."""
+        # The filterbank in float32 whatever the training precision (autocast would run its matmul
+        # in bf16): it makes the model's input. (Under bf16-true Lightning has cast the wave too.)
+        with torch.autocast(wave.device.type, enabled=False):
+            frames = kaldi_fbank(config.sample_rate, config.mel_bins)(wave.float())
+        length = fbank_frames(samples, config.sample_rate)
+        real = torch.arange(frames.shape[-2], device=wave.device) < length[..., None]
+        normalised = torch.where(real[..., None], (frames - config.norm_mean) / config.norm_std, 0.0)
+        return {"fbank": normalised, "length": length}
+
+    def prepare(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        if "fbank" in inputs:  # prepared already
+            return inputs
+        out = self.fbank(inputs["wave"], inputs["samples"], self.config)
+        kept = {key: value for key, value in inputs.items() if key not in self.tensors(self.config)}  # e.g. present
+        return {**kept, "fbank": out["fbank"].to(self.input_dtype), "length": out["length"]}
 
 
 class MelStem(AudioStem):
