@@ -31,6 +31,16 @@ def tiny_config(**overrides) -> ModelConfig:
     return ModelConfig.from_dict(data)
 
 
+def helper_endings(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """How each video-decoder helper this process kills ends ("signal 9": killed while still
+    running), recorded from now on: a timeout shown by what happened, not by a wall clock."""
+    from scale.media import video as video_reader
+
+    endings, kill = [], video_reader._Helper.kill
+    monkeypatch.setattr(video_reader._Helper, "kill", lambda self: endings.append(kill(self)) or endings[-1])
+    return endings
+
+
 def one_batch_and_warnings(shards: Path, config: ModelConfig) -> tuple[dict, list[str]]:
     """The whole (small) shard set as one evaluation batch, and the warnings its decoding raised."""
     from datamodules.m5product import eval_dataloader
