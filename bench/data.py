@@ -291,19 +291,14 @@ class Direct:
     """Bytes -> tensors with the libraries called directly, mirroring datamodules/decode.py."""
 
     def __init__(self, config):
-        from timm.data import create_transform
-        from torchvision import transforms
-
+        from scale.modalities.image.stems import PixelStem
         from scale.pretrained_paths import resolve
         from transformers import AutoTokenizer
 
         self.config = config
-        image = config.image
-        timm_eval = create_transform(input_size=(3, image.size, image.size), mean=image.mean, std=image.std,
-                                     interpolation="bicubic", crop_pct=1.0, is_training=False)  # fmt: skip
-        # Its resize and crop, then uint8: pixels and frames are normalised on the device, as the
-        # pipeline's (and the fbank computed there), so neither side does that work here.
-        self.transform = transforms.Compose([*timm_eval.transforms[:-2], transforms.PILToTensor()])
+        # timm's resize and crop, then uint8: pixels and frames are normalised on the device (and
+        # the fbank computed there), in the pipeline as here, so neither side does that work.
+        self.transform = PixelStem.byte_transform(config.image)
         self.tokenizer = AutoTokenizer.from_pretrained(str(resolve(config.tokenizer)), local_files_only=True)
 
     def text(self, sample):

@@ -68,10 +68,15 @@ def read_wave(data: bytes, seconds: float, rate: int, max_seconds: float | None 
     return wave[: int(round(seconds * rate))]
 
 
+def fbank_window(sample_rate: int) -> tuple[int, int]:
+    """`KaldiFbank`'s window and shift in samples: 25 ms and 10 ms."""
+    return int(0.025 * sample_rate), int(0.010 * sample_rate)
+
+
 def fbank_frames(samples: "torch.Tensor | int", sample_rate: int) -> "torch.Tensor | int":
-    """`KaldiFbank` frames of `samples` samples (25-ms window, 10-ms shift, snip edges: none under
-    one window); an int or a tensor of counts."""
-    window, shift = int(0.025 * sample_rate), int(0.010 * sample_rate)
+    """`KaldiFbank` frames of `samples` samples (snip edges: none under one window); an int or a
+    tensor of counts."""
+    window, shift = fbank_window(sample_rate)
     if isinstance(samples, int):
         return 1 + (samples - window) // shift if samples >= window else 0
     import torch
@@ -97,7 +102,7 @@ class KaldiFbank:
         import torch
         from torchaudio.compliance import kaldi
 
-        self.window_size, self.shift = int(0.025 * sample_rate), int(0.010 * sample_rate)
+        self.window_size, self.shift = fbank_window(sample_rate)
         self.fft_size = 1 << (self.window_size - 1).bit_length()
         self.window = torch.hann_window(self.window_size, periodic=False)
         banks, _ = kaldi.get_mel_banks(mel_bins, self.fft_size, float(sample_rate), 20.0, 0.0, 100.0, -500.0, 1.0)

@@ -117,7 +117,7 @@ class WaveformStem(AudioStem):
         """WAV / FLAC / MP3 bytes -> the first `seconds` as a mono wave at `sample_rate`, zero-padded,
         and its sample count; sub-window audio is unusable."""
         wave = read_wave(sample.read(AUDIO), config.seconds, config.sample_rate, context.limits.max_audio_seconds)
-        if wave.numel() < int(0.025 * config.sample_rate):
+        if fbank_frames(wave.numel(), config.sample_rate) == 0:
             raise ValueError(f"audio of {wave.numel()} samples is shorter than one 25-ms window")
         padded = torch.zeros(cls.samples(config))
         padded[: wave.numel()] = wave
