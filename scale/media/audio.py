@@ -62,7 +62,8 @@ def read_wave(data: bytes, seconds: float, rate: int, max_seconds: float | None 
         read_header(sound, max_seconds)
         native = sound.samplerate
         wave = sound.read(frames=math.ceil(seconds * native), dtype="float32", always_2d=True)
-    wave = torch.from_numpy(wave.mean(axis=1))
+    # A mono file (the usual product clip) is its one column: averaging it would cost a pass.
+    wave = torch.from_numpy(wave[:, 0] if wave.shape[1] == 1 else wave.mean(axis=1))
     if native != rate and wave.numel():
         wave = torchaudio.functional.resample(wave, native, rate)
     return wave[: int(round(seconds * rate))]
