@@ -130,3 +130,36 @@ def test_corrupt_media_is_skipped_counted_and_warned(demo_shards, caplog):
 def test_collate_rejects_empty():
     with pytest.raises(ValueError):
         collate([])
+
+
+class _CollateInWorker(torch.utils.data.IterableDataset):
+    """Collates inside the data worker and reports, from there, where each tensor lives."""
+
+    def __init__(self, samples: list[dict]) -> None:
+        self.samples = samples
+
+    def __iter__(self):
+        batch = collate(self.samples)
+        shared = {name: {key: value.is_shared() for key, value in part.items()}
+                  for name, part in batch.items() if isinstance(part, dict)}  # fmt: skip
+        yield {"batch": batch, "shared": shared}
+
+
+def test_collate_stacks_into_shared_memory_inside_a_data_worker(demo_shards):
+    # A batch stacked in ordinary memory is copied again when the worker's queue pickles it; one
+    # stacked into shared memory is handed over as is (docs/performance.md, the data workers' hand-over).
+    decoder = SampleDecoder(tiny_config())
+    samples = [s for s in (decoder(raw) for raw in _raw_samples(demo_shards["eval"])[:6]) if s is not None]
+    loader = torch.utils.data.DataLoader(_CollateInWorker(samples), batch_size=None, num_workers=1,
+                                         multiprocessing_context="fork")  # fmt: skip
+    (out,) = list(loader)
+    assert set(out["shared"]) == set(MODALITIES) and all(all(part.values()) for part in out["shared"].values())
+    for name in MODALITIES:  # the same values as stacking in the training process
+        for key, value in out["batch"][name].items():
+            expected = torch.stack([s[name][key] for s in samples])
+            assert value.dtype == expected.dtype and torch.equal(value, expected), (name, key)
+    assert not any(v.is_shared() for v in collate(samples)["image"].values())  # in-process: ordinary memory
+
+
+def _raw_samples(shard_dir: Path) -> list[dict]:
+    return [{"__key__": key, **members} for key, members in sorted(read_tar_members(shard_dir).items())]
