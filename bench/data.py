@@ -445,14 +445,15 @@ def train_datamodule_available() -> bool:
     return "mode" in inspect.signature(M5ProductDataModule.__init__).parameters
 
 
-def pipeline_pass(path: str, shards: Path, config, batch_size: int, modalities: list[str]) -> int:
+def pipeline_pass(path: str, shards: Path, config, batch_size: int, modalities: list[str],
+                  num_workers: int = 0) -> int:  # fmt: skip
     """One pass over the shard set through the real data path; returns the samples it yielded and
     checks every modality was decoded for every sample (a failing decode would look fast)."""
     if path == "train":
         from datamodules.m5product import M5ProductDataModule
 
-        module = M5ProductDataModule(train_shards=str(shards), batch_size=batch_size, num_workers=0, mode="exact",
-                                     model_config=config)  # fmt: skip
+        module = M5ProductDataModule(train_shards=str(shards), batch_size=batch_size, num_workers=num_workers,
+                                     mode="exact", model_config=config)  # fmt: skip
         module.setup("fit")
         loader = module.train_dataloader()
     else:
@@ -588,6 +589,46 @@ def measure_strips(strips: Path, base: dict, paths: list[str], batch_size: int, 
     return rates
 
 
+# ---- through data workers ------------------------------------------------------------------------
+WORKER_COUNTS = (0, 1, 2)
+"""Data workers per rank timed in the workers row (0: decoding in the training process)."""
+
+
+def replicate_shards(folder: Path, products: int) -> Path:
+    """`folder`'s samples repeated under new keys, one shard per copy, to at least `products`
+    (cached beside it): enough that forking the workers is a small part of a pass."""
+    samples = read_samples(folder)
+    copies = max(1, -(-products // len(samples)))
+    out = folder.parent / f"{folder.name}-x{copies}"
+    if (out / "sizes.json").is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    sizes = {}
+    for copy in range(copies):
+        name = f"shard-{copy:06d}.tar"
+        _write_tar(out / name, [(f"copy{copy:03d}x{index:06d}", files) for index, files in enumerate(samples)])
+        sizes[name] = len(samples)
+    (out / "sizes.json").write_text(json.dumps(sizes))
+    return out
+
+
+def measure_workers(shards: Path, base: dict, batch_size: int, repeats: int,
+                    counts: tuple[int, ...] = WORKER_COUNTS) -> dict[int, dict[str, float]]:  # fmt: skip
+    """All five through the exact training stream with 0, 1, 2 data workers: samples per CPU-second
+    of the training process and its workers together (CPU of the reaped workers included), best of
+    `repeats` interleaved rounds, and the wall-clock rate of that pass."""
+    from scale.config import ModelConfig
+
+    config = ModelConfig.from_dict({**base, "modalities": list(MODALITIES)})
+    best: dict[int, dict[str, float]] = {}
+    for _ in range(repeats):
+        for count in counts:
+            run = timed(lambda: pipeline_pass("train", shards, config, batch_size, list(MODALITIES), count))
+            if run["rate"] > best.get(count, {}).get("rate", 0.0):
+                best[count] = {"rate": run["rate"], "wall_rate": run["samples"] / run["wall_s"], "samples": run["samples"]}
+    return best
+
+
 # ---- cores per GPU --------------------------------------------------------------------------------
 def count_flops(base: dict, backward: bool, batch: int = 2) -> dict[str, float]:
     """Forward (+ loss) FLOPs per sample of the training forward (masked modeling on) of the model
@@ -670,6 +711,12 @@ def report(results: dict) -> str:
     for key, rate in sm["rates"].items():
         name, path = key.split("/")
         lines.append(f"  {('all five' if name == 'all' else name):<10} {path:<6} {rate:.2f} samples/s/core")
+    w = results["workers"]
+    lines.append(f"\nthrough data workers (exact training stream, all five from the strip and small-image shards, "
+                 f"{w['products']} products; CPU of the training process and its workers together):")  # fmt: skip
+    for count, value in w["rates"].items():
+        lines.append(f"  {count} workers: {value['rate']:.2f} samples/s/core ({value['wall_rate']:.2f} samples/s wall), "
+                     f"x{value['rate'] / w['rates'][0]['rate']:.2f} the in-process rate")  # fmt: skip
     g = results["gpu"]
     counted = g.get("measured_train_gflops_per_sample")
     lines += [
@@ -689,6 +736,8 @@ def report(results: dict) -> str:
                      f"with frames extracted at conversion: {g['cores_per_gpu_with_strips'][path]:.0f}; and images "
                      f"shrunk to {SHRINK}: {g['cores_per_gpu_with_strips_and_small_images'][path]:.0f}")
     lines += [
+        "  cores per GPU through data workers (strips and small images): " + ", ".join(
+            f"{count} workers {value:.0f}" for count, value in g["cores_per_gpu_through_workers"].items()),
         f"  cores per GPU at the sum-of-parts limit ({g['limit_rate']:.2f} samples/s/core): "
         f"{g['cores_per_gpu_at_limit']:.0f}",
         f"  cores per GPU at the sum-of-parts limit without the MP4 decode, e.g. video.stem=features "
@@ -715,6 +764,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--mfu", type=float, default=0.40, help="assumed model FLOPs utilisation")
     parser.add_argument("--gpu-samples-per-s", type=float,
                         help="a measured training rate per GPU (instead of the FLOP estimate)")  # fmt: skip
+    parser.add_argument("--worker-products", type=int, help="products in the workers row (default 240; quick 12)")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="media generation processes")
     args = parser.parse_args(argv)
 
@@ -725,6 +775,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.video_seconds:
         settings = replace(settings, video_seconds=args.video_seconds)
     repeats = args.repeats or (1 if args.quick else 3)
+    args.worker_products = args.worker_products or (12 if args.quick else 240)
     out = Path(args.out)
     shards = build_shards(out, settings, args.workers)
 
@@ -754,6 +805,7 @@ def main(argv: list[str] | None = None) -> dict:
     strip_rates = measure_strips(strips, base, paths, args.batch_size, repeats)
     small, _, _ = build_strip_shards(shards, samples, config.video.frames, config.video.size, shrink=SHRINK)
     small_rates = measure_strips(small, base, paths, args.batch_size, repeats, alone="image")
+    workers = measure_workers(replicate_shards(small, args.worker_products), base, args.batch_size, repeats)
     measure_seconds = time.time() - measure_start
 
     flops = count_flops(base, backward=not args.quick)
@@ -795,6 +847,7 @@ def main(argv: list[str] | None = None) -> dict:
         "video": {"videos": min(args.video_compare, len(samples)), "methods": video},
         "strips": {"extract_cpu_s_per_video": extract_s, "strip_kb": strip_kb, "rates": strip_rates},
         "small_images": {"side": SHRINK, "rates": small_rates},
+        "workers": {"products": workers[0]["samples"], "rates": workers},
         "gpu": {
             "parameters": flops["parameters"],
             "forward_gflops_per_sample": flops["forward_flops_per_sample"] / 1e9,
@@ -810,6 +863,7 @@ def main(argv: list[str] | None = None) -> dict:
             "cores_per_gpu": {path: gpu_rate / rate for path, rate in pipeline_rate.items()},
             "cores_per_gpu_with_strips": {path: gpu_rate / strip_rates[f"all/{path}"] for path in paths},
             "cores_per_gpu_with_strips_and_small_images": {path: gpu_rate / small_rates[f"all/{path}"] for path in paths},
+            "cores_per_gpu_through_workers": {count: gpu_rate / value["rate"] for count, value in workers.items()},
             "limit_rate": limit,
             "cores_per_gpu_at_limit": gpu_rate / limit,
             "limit_rate_without_video": limit_without_video,
