@@ -45,8 +45,9 @@ test: install
 bench-robustness: install
 	$(PY) bench/robustness.py --out outputs/bench/robustness
 
-# Data-pipeline throughput per CPU core vs the libraries direct, and cores per GPU: about 4 min on 2 cores
-# (the first run also generates the benchmark media, about 3 min, cached under outputs/bench-data).
+# Data-pipeline throughput per CPU core vs the libraries direct, through 0-2 data workers, and cores
+# per GPU: about 5 min on 2 cores (the first run also generates the benchmark media, about 3 min,
+# cached under outputs/bench-data).
 bench-data: install
 	$(PY) bench/data.py --out outputs/bench-data
 
