@@ -597,12 +597,13 @@ WORKER_COUNTS = (0, 1, 2)
 def replicate_shards(folder: Path, products: int) -> Path:
     """`folder`'s samples repeated under new keys, one shard per copy, to at least `products`
     (cached beside it): enough that forking the workers is a small part of a pass."""
-    samples = read_samples(folder)
-    copies = max(1, -(-products // len(samples)))
+    count = sum(json.loads((folder / "sizes.json").read_text()).values())
+    copies = max(1, -(-products // count))
     out = folder.parent / f"{folder.name}-x{copies}"
     if (out / "sizes.json").is_file():
         return out
     out.mkdir(parents=True, exist_ok=True)
+    samples = read_samples(folder)
     sizes = {}
     for copy in range(copies):
         name = f"shard-{copy:06d}.tar"
@@ -775,7 +776,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.video_seconds:
         settings = replace(settings, video_seconds=args.video_seconds)
     repeats = args.repeats or (1 if args.quick else 3)
-    args.worker_products = args.worker_products or (12 if args.quick else 240)
+    worker_products = args.worker_products or (12 if args.quick else 240)
     out = Path(args.out)
     shards = build_shards(out, settings, args.workers)
 
@@ -805,7 +806,7 @@ def main(argv: list[str] | None = None) -> dict:
     strip_rates = measure_strips(strips, base, paths, args.batch_size, repeats)
     small, _, _ = build_strip_shards(shards, samples, config.video.frames, config.video.size, shrink=SHRINK)
     small_rates = measure_strips(small, base, paths, args.batch_size, repeats, alone="image")
-    workers = measure_workers(replicate_shards(small, args.worker_products), base, args.batch_size, repeats)
+    workers = measure_workers(replicate_shards(small, worker_products), base, args.batch_size, repeats)
     measure_seconds = time.time() - measure_start
 
     flops = count_flops(base, backward=not args.quick)
