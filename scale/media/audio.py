@@ -1,6 +1,6 @@
 """Audio bytes (WAV, FLAC, MP3) through soundfile, and the sound track of an MP4 through PyAV.
 
-`read_header` is the one gate the converter (`check_audio`) and the loader (`read_wave`) share: a
+`read_header` is the one gate the converter (`check_audio`) and the loader (`read_pcm16`) share: a
 sane sample rate and channel count, at least one frame, and a duration within `max_audio_seconds`,
 all from the header, before a sample is decoded.
 """
@@ -53,20 +53,54 @@ def check_audio(data: bytes, limits) -> None:
         read_header(sound, limits.max_audio_seconds)
 
 
-def read_wave(data: bytes, seconds: float, rate: int, max_seconds: float | None = None) -> "torch.Tensor":
-    """The first `seconds` of the audio as a mono float32 wave at `rate` (only those are decoded)."""
+PCM16_SCALE = 32768
+"""Full scale of a 16-bit sample: a float wave in [-1, 1) is the 16-bit one over this (exactly:
+a power of two)."""
+PCM16_SUBTYPES = frozenset({"PCM_16"})
+"""libsndfile subtypes stored as 16-bit integers (WAV and FLAC at 16 bits; M5Product's clips and the
+converter's sound tracks)."""
+
+
+def read_pcm16(data: bytes, seconds: float, rate: int, max_seconds: float | None = None) -> "torch.Tensor":
+    """The first `seconds` of the audio (only those are decoded) as mono 16-bit samples (int16) at
+    `rate`: half the bytes of a float32 wave for the data workers to hand over.
+
+    A 16-bit mono file at `rate` (the usual product clip, and the converter's sound tracks) is read
+    as it is stored: losslessly, and without a float pass (a 12-s WAV in 0.19 ms against 0.8).
+    Anything else (MP3, 24-bit or float files, stereo, another rate) is decoded to float, mixed to
+    mono, resampled, and rounded to 16 bits, clipped at full scale: within 2**-16 of its float
+    wave, far under the resolution of a log-mel bin.
+    """
     import torch  # the loader's; the converter's checks need neither torch nor torchaudio
     import torchaudio
 
     with _open(data) as sound:
         read_header(sound, max_seconds)
         native = sound.samplerate
-        wave = sound.read(frames=math.ceil(seconds * native), dtype="float32", always_2d=True)
-    # A mono file (the usual product clip) is its one column: averaging it would cost a pass.
+        as_stored = sound.subtype in PCM16_SUBTYPES and sound.channels == 1 and native == rate
+        wave = sound.read(frames=math.ceil(seconds * native), dtype="int16" if as_stored else "float32", always_2d=True)
+    keep = int(round(seconds * rate))
+    if as_stored:
+        return torch.from_numpy(wave[:keep, 0])
+    # A mono file is its one column: averaging it would cost a pass.
     wave = torch.from_numpy(wave[:, 0] if wave.shape[1] == 1 else wave.mean(axis=1))
     if native != rate and wave.numel():
         wave = torchaudio.functional.resample(wave, native, rate)
-    return wave[: int(round(seconds * rate))]
+    return to_pcm16(wave[:keep])
+
+
+def to_pcm16(wave: "torch.Tensor") -> "torch.Tensor":
+    """A float wave in [-1, 1) -> int16 samples, rounded, clipped at full scale."""
+    import torch
+
+    return wave.mul(PCM16_SCALE).round_().clamp_(-PCM16_SCALE, PCM16_SCALE - 1).to(torch.int16)
+
+
+def from_pcm16(samples: "torch.Tensor") -> "torch.Tensor":
+    """int16 samples -> the float32 wave in [-1, 1) (exact: `to_pcm16`'s inverse on 16-bit waves)."""
+    import torch
+
+    return samples.to(torch.float32).div_(PCM16_SCALE)
 
 
 def fbank_window(sample_rate: int) -> tuple[int, int]:

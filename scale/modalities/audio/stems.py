@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from scale.media.arrays import load_npy, pad_rows
-from scale.media.audio import fbank_frames, kaldi_fbank, read_wave
+from scale.media.audio import fbank_frames, from_pcm16, kaldi_fbank, read_pcm16, to_pcm16
 from scale.modalities.audio import AUDIO, MEL, AudioConfig
 from scale.modalities.base import Encoded, Masked, Modality, TensorSpec
 from scale.modalities.masking import MaskedRegression, after_pooled_token, bernoulli_positions
@@ -88,7 +88,11 @@ class WaveformStem(AudioStem):
     """The data workers decode the first `seconds` of the file to a wave; the Kaldi fbank is
     computed from it on the device, for the whole batch at once (`prepare`): it was the largest
     part of a product's decode in the workers (docs/performance.md, section 6) and costs next to
-    nothing on a GPU."""
+    nothing on a GPU.
+
+    The wave travels as 16-bit samples (`read_pcm16`): what product audio stores, so lossless for
+    it, half a float32 wave's bytes to collate and hand over, and an integer tensor that a
+    `bf16-true` run does not cast (a bf16 wave would keep 8 bits of each sample)."""
 
     stem = "waveform"
     reads = (AUDIO,)
@@ -105,32 +109,33 @@ class WaveformStem(AudioStem):
 
     @classmethod
     def tensors(cls, config: AudioConfig) -> dict[str, TensorSpec]:
-        return {"wave": TensorSpec((cls.samples(config),), torch.float32), "samples": TensorSpec((), torch.long)}
+        return {"wave": TensorSpec((cls.samples(config),), torch.int16), "samples": TensorSpec((), torch.long)}
 
     @classmethod
     def example(cls, config: AudioConfig, batch: int) -> dict[str, Tensor]:
         samples = cls.samples(config)
-        return {"wave": 0.1 * torch.randn(batch, samples), "samples": torch.full((batch,), samples)}
+        return {"wave": to_pcm16(0.1 * torch.randn(batch, samples)), "samples": torch.full((batch,), samples)}
 
     @classmethod
     def decode(cls, sample: RawSample, config: AudioConfig, context: DecodeContext) -> dict[str, Tensor]:
-        """WAV / FLAC / MP3 bytes -> the first `seconds` as a mono wave at `sample_rate`, zero-padded,
-        and its sample count; sub-window audio is unusable."""
-        wave = read_wave(sample.read(AUDIO), config.seconds, config.sample_rate, context.limits.max_audio_seconds)
+        """WAV / FLAC / MP3 bytes -> the first `seconds` as mono 16-bit samples at `sample_rate`,
+        zero-padded, and their count; sub-window audio is unusable."""
+        wave = read_pcm16(sample.read(AUDIO), config.seconds, config.sample_rate, context.limits.max_audio_seconds)
         if fbank_frames(wave.numel(), config.sample_rate) == 0:
             raise ValueError(f"audio of {wave.numel()} samples is shorter than one 25-ms window")
-        padded = torch.zeros(cls.samples(config))
+        padded = torch.zeros(cls.samples(config), dtype=torch.int16)
         padded[: wave.numel()] = wave
         return {"wave": padded, "samples": torch.tensor(wave.numel())}
 
     @classmethod
     def fbank(cls, wave: Tensor, samples: Tensor, config: AudioConfig) -> dict[str, Tensor]:
-        """(B, samples) zero-padded waves and their sample counts -> the normalised fbank frames,
-        zero past each clip's frames, and the frame counts: `normalised` of each clip's own fbank."""
+        """(B, samples) zero-padded int16 waves and their sample counts -> the normalised fbank
+        frames, zero past each clip's frames, and the frame counts: `normalised` of each clip's own
+        fbank (of the float wave in [-1, 1), the scale `norm_mean` and `norm_std` are for)."""
         # The filterbank in float32 whatever the training precision (autocast would run its matmul
-        # in bf16): it makes the model's input. (Under bf16-true Lightning has cast the wave too.)
+        # in bf16): it makes the model's input.
         with torch.autocast(wave.device.type, enabled=False):
-            frames = kaldi_fbank(config.sample_rate, config.mel_bins)(wave.float())
+            frames = kaldi_fbank(config.sample_rate, config.mel_bins)(from_pcm16(wave))
         length = fbank_frames(samples, config.sample_rate)
         real = torch.arange(frames.shape[-2], device=wave.device) < length[..., None]
         normalised = torch.where(real[..., None], (frames - config.norm_mean) / config.norm_std, 0.0)
