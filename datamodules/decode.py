@@ -105,6 +105,20 @@ class SampleDecoder:
         (a text-only model need not read 2 MB of video per sample)."""
         return {RECORD_MEMBER}.union(*(stem.members() for stem in self.stems.values()))
 
+    def deferred_members(self) -> dict[str, frozenset[str]]:
+        """Members the reader may leave in the shard, each with the members whose presence in a
+        sample makes it so: a stem's fallback file (the MP4) beside its preferred one (the frames
+        extracted from it), unless another stem reads the fallback whatever the sample holds."""
+        deferred: dict[str, frozenset[str]] = {}
+        for stem in self.stems.values():
+            for fallback, preferred in stem.fallbacks.items():
+                deferred.update(dict.fromkeys(fallback.members, frozenset(preferred.members)))
+        for stem in self.stems.values():
+            fallbacks = {member for source in stem.fallbacks for member in source.members}
+            for member in set(stem.members()) - fallbacks:
+                deferred.pop(member, None)
+        return deferred
+
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any] | None:
         with self.budget.sample():
             return self._decode(sample)

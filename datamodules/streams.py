@@ -183,7 +183,7 @@ class _Stream(IterableDataset):
                  seed: int, rank: int = 0, world: int = 1):  # fmt: skip
         self.urls, self.decoder, self.batch_size = list(urls), decoder, batch_size
         self.shuffle_buffer, self.seed, self.rank, self.world = shuffle_buffer, seed, rank, world
-        self.fields, self.max_bytes = decoder.shard_fields(), decoder.member_limits()
+        self.fields, self.max_bytes, self.deferred = decoder.shard_fields(), decoder.member_limits(), decoder.deferred_members()
         self.epoch = 0
         self.skip_batches = 0
         """Batches of this epoch this rank already trained on (set on resume; see the module doc)."""
@@ -224,7 +224,8 @@ class ExactEpochStream(_Stream):
         # The shuffle seed leaves out skip_batches: a resumed worker must replay the same order.
         rng = random.Random(f"samples:{self.seed}:{self.epoch}:{self.rank}:{worker}")
         raw = itertools.chain.from_iterable(
-            read_samples(s.url, s.start, s.stop, self.decoder.count_error, self.fields, self.max_bytes) for s in plan.segments
+            read_samples(s.url, s.start, s.stop, self.decoder.count_error, self.fields, self.max_bytes, self.deferred)
+            for s in plan.segments
         )
         raw = shuffled(raw, self.shuffle_buffer, rng)
         for _ in range(sum(plan.batch_sizes[:skip])):  # replay without decoding
@@ -267,7 +268,7 @@ class ResampledStream(_Stream):
                 url = shard_rng.choice(self.urls)
                 read = 0
                 for sample in read_samples(url, on_error=self.decoder.count_error, fields=self.fields,
-                                           max_bytes=self.max_bytes):  # fmt: skip
+                                           max_bytes=self.max_bytes, deferred=self.deferred):  # fmt: skip
                     read += 1
                     yield sample
                 empty_draws = 0 if read else empty_draws + 1

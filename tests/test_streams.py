@@ -29,6 +29,8 @@ from datamodules.streams import (
     resume_point,
     shard_sizes,
 )
+from datamodules.tar_reader import DeferredMember
+from scale.media import MediaError
 from tests.conftest import tiny_config
 
 
@@ -245,6 +247,49 @@ def test_read_samples_seeks_to_an_offset(tmp_path):
     (url,) = write_title_shards(tmp_path / "shards", [9])
     assert [s["__key__"] for s in read_samples(url, 4, 7)] == ["p00004", "p00005", "p00006"]
     assert json.loads(next(read_samples(url, 8))["json"])["title"] == "product number 8"
+
+
+def write_members(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> str:
+    """A shard of these (key, {member: bytes}) samples, members in the order given."""
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples:
+            for member, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{member}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def test_a_fallback_member_stays_in_the_shard_beside_its_preferred_one(tmp_path):
+    """The MP4 beside its extracted frames (before or after them in the tar) and the original
+    image beside its small copy are left in the shard, and read from it only if asked; without
+    the preferred member, or from a streamed shard, they are read as before."""
+    mp4, jpg, strip, small = (bytes([n]) * (3000 + 512 * n) for n in range(1, 5))
+    url = write_members(tmp_path / "s.tar", [
+        ("after", {"json": b"{}", "mp4": mp4, "frames.jpg": strip, "jpg": jpg, "small.jpg": small}),
+        ("before", {"frames.jpg": strip, "json": b"{}", "mp4": mp4}),
+        ("alone", {"json": b"{}", "mp4": mp4, "jpg": jpg}),
+    ])  # fmt: skip
+    deferred = {"mp4": frozenset({"frames.jpg"}), "jpg": frozenset({"small.jpg"})}
+    after, before, alone = read_samples(url, deferred=deferred)
+    assert isinstance(after["mp4"], DeferredMember) and isinstance(after["jpg"], DeferredMember)
+    assert isinstance(before["mp4"], DeferredMember) and after["frames.jpg"] == before["frames.jpg"] == strip
+    assert (len(after["mp4"]), len(after["jpg"])) == (len(mp4), len(jpg))  # a size limit needs no read
+    assert bytes(after["mp4"]) == bytes(before["mp4"]) == mp4 and bytes(after["jpg"]) == jpg
+    assert alone["mp4"] == mp4 and alone["jpg"] == jpg  # nothing to prefer: read
+    streamed = list(read_samples(f"pipe:cat {url}", deferred=deferred))
+    assert [s["mp4"] for s in streamed] == [mp4, mp4, mp4] and streamed[0]["jpg"] == jpg
+    # A shard cut after it was read: the decoder gets a counted media error, not a crash.
+    Path(url).write_bytes(Path(url).read_bytes()[: after["mp4"].offset + 100])
+    with pytest.raises(MediaError, match="ends after 100 of"):
+        bytes(after["mp4"])
+
+
+def test_the_decoder_defers_only_fallbacks_of_the_configured_stems():
+    pixels = SampleDecoder(tiny_config(modalities=["text", "image", "video"]))
+    assert pixels.deferred_members() == {"jpg": {"small.jpg"}, "png": {"small.jpg"}, "webp": {"small.jpg"},
+                                         "mp4": {"frames.jpg"}}  # fmt: skip
+    assert text_decoder().deferred_members() == {}
 
 
 def test_read_samples_reads_only_the_wanted_fields(tmp_path, demo_shards):

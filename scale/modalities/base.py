@@ -109,6 +109,11 @@ class Modality(nn.Module):
     """The input variant's name (`pixels`), what `<modality>.stem` picks."""
     reads: ClassVar[tuple[Field, ...]] = ()
     """The fields this stem decodes from."""
+    fallbacks: ClassVar[dict[FileField, FileField]] = {}
+    """Fields of `reads` read only when another is absent or does not fit the config, as
+    {fallback: preferred} (the MP4 beside the frames extracted from it): where the sample has the
+    preferred file, the tar reader leaves the fallback's bytes in the shard until `decode` reads
+    them, so a shuffle buffer does not hold them for nothing."""
     uses_tokenizer: ClassVar[bool] = False
     """Whether it tokenizes with `model.config.tokenizer` (the export then carries that tokenizer)."""
 

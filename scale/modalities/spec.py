@@ -131,7 +131,9 @@ class RawSample:
     def read(self, source: FileField) -> bytes:
         """The bytes of the field's member (the first present), MediaTooLarge over its byte limit."""
         member = self.member(source)
-        return check_size(self.members[member], member, getattr(self.limits, source.max_bytes))
+        # `bytes()` reads a member the tar reader left in the shard (the sample had the file this
+        # one is the fallback of) and is the member itself when it was read.
+        return bytes(check_size(self.members[member], member, getattr(self.limits, source.max_bytes)))
 
     def string(self, source: RecordField) -> str:
         """A record string, cut to its limit and stripped; Missing when absent or empty."""

@@ -98,6 +98,7 @@ class PixelStem(Modality):
     modality = "image"
     stem = "pixels"
     reads = (SMALL_IMAGE, IMAGE)
+    fallbacks = {IMAGE: SMALL_IMAGE}
 
     def __init__(self, config: ImageConfig, width: int, load_weights: bool = True):
         super().__init__()

@@ -111,6 +111,7 @@ class PixelPatches(nn.Module):
 class FrameStem(VideoStem):
     stem = "frames"
     reads = (FRAME_STRIP, VIDEO)
+    fallbacks = {VIDEO: FRAME_STRIP}
     values = "frames"
 
     def __init__(self, config: VideoConfig, width: int, trunk: MeanTokenTrunk | None = None):
