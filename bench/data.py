@@ -441,14 +441,16 @@ def train_datamodule_available() -> bool:
 
 
 def pipeline_pass(path: str, shards: Path, config, batch_size: int, modalities: list[str],
-                  num_workers: int = 0) -> int:  # fmt: skip
-    """One pass over the shard set through the real data path; returns the samples it yielded and
-    checks every modality was decoded for every sample (a failing decode would look fast)."""
+                  num_workers: int = 0, shuffle_buffer: int | None = None) -> int:  # fmt: skip
+    """One pass over the shard set through the real data path (the training stream's shuffle
+    buffer: the data module's default unless given); returns the samples it yielded and checks
+    every modality was decoded for every sample (a failing decode would look fast)."""
     if path == "train":
         from datamodules.m5product import M5ProductDataModule
 
+        buffer = {} if shuffle_buffer is None else {"shuffle_buffer": shuffle_buffer}
         module = M5ProductDataModule(train_shards=str(shards), batch_size=batch_size, num_workers=num_workers,
-                                     mode="exact", model_config=config)  # fmt: skip
+                                     mode="exact", model_config=config, **buffer)  # fmt: skip
         module.setup("fit")
         loader = module.train_dataloader()
     else:
@@ -612,14 +614,20 @@ def measure_workers(shards: Path, base: dict, batch_size: int, repeats: int,
                     counts: tuple[int, ...] = WORKER_COUNTS) -> dict[int, dict[str, float]]:  # fmt: skip
     """All five through the exact training stream with 0, 1, 2 data workers: samples per CPU-second
     of the training process and its workers together (CPU of the reaped workers included), best of
-    `repeats` interleaved rounds, and the wall-clock rate of that pass."""
+    `repeats` interleaved rounds, and the wall-clock rate of that pass.
+
+    The shuffle buffer holds one batch: the steady state of a long epoch, where each sample read
+    lands in memory a decoded one freed. (Each pass forks fresh workers, and with the default
+    2,000 samples every sample of a 240-product pass would land in fresh pages, a cost a worker
+    pays once per epoch: docs/performance.md, section 6.)"""
     from scale.config import ModelConfig
 
     config = ModelConfig.from_dict({**base, "modalities": list(MODALITIES)})
     best: dict[int, dict[str, float]] = {}
     for _ in range(repeats):
         for count in counts:
-            run = timed(lambda: pipeline_pass("train", shards, config, batch_size, list(MODALITIES), count))
+            run = timed(lambda: pipeline_pass("train", shards, config, batch_size, list(MODALITIES), count,
+                                              shuffle_buffer=batch_size))  # fmt: skip
             if run["rate"] > best.get(count, {}).get("rate", 0.0):
                 best[count] = {"rate": run["rate"], "wall_rate": run["samples"] / run["wall_s"], "samples": run["samples"]}
     return best
@@ -709,7 +717,8 @@ def report(results: dict) -> str:
         lines.append(f"  {('all five' if name == 'all' else name):<10} {path:<6} {rate:.2f} samples/s/core")
     w = results["workers"]
     lines.append(f"\nthrough data workers (exact training stream, all five from the strip and small-image shards, "
-                 f"{w['products']} products; CPU of the training process and its workers together):")  # fmt: skip
+                 f"{w['products']} products, shuffle buffer of one batch; CPU of the training process and its "
+                 "workers together):")  # fmt: skip
     for count, value in w["rates"].items():
         lines.append(f"  {count} workers: {value['rate']:.2f} samples/s/core ({value['wall_rate']:.2f} samples/s wall), "
                      f"x{value['rate'] / w['rates'][0]['rate']:.2f} the in-process rate")  # fmt: skip
