@@ -41,6 +41,10 @@ def test_placeholder_and_examples_are_the_declared_tensors(modality, stem):
         assert example[key].shape == (3, *spec.shape) and example[key].dtype == spec.dtype, key
     encoder = build_modalities(ModelConfig.from_dict({**config.to_dict(), "modalities": [modality]}))[modality]
     assert type(encoder) is stem_class and encoder.input_keys == tuple(declared)
+    # What the device half hands the encoder is what `prepared_tensors` declares (float32 weights).
+    prepared = encoder.prepare(example)
+    for key, spec in stem_class.prepared_tensors(getattr(config, modality)).items():
+        assert prepared[key].shape == (3, *spec.shape) and prepared[key].dtype == spec.dtype, key
 
 
 def test_every_field_names_limits_that_exist():

@@ -189,7 +189,8 @@ class Modality(nn.Module):
 
     @classmethod
     def prepared_tensors(cls, config: Any) -> dict[str, TensorSpec]:
-        """What `prepare` hands to the encoder (default: the batch's `tensors`)."""
+        """What `prepare` hands to the encoder (default: the batch's `tensors`); floats it makes
+        are declared float32, their dtype at run time being the stem's `input_dtype`."""
         return cls.tensors(config)
 
     @property

@@ -132,6 +132,10 @@ class PixelStem(Modality):
         # Bytes: normalised on the device (`prepare`), a quarter of float pixels' collate and copy.
         return {"pixels": TensorSpec((3, config.size, config.size), torch.uint8)}
 
+    @classmethod
+    def prepared_tensors(cls, config: ImageConfig) -> dict[str, TensorSpec]:
+        return {"pixels": TensorSpec((3, config.size, config.size), torch.float32)}
+
     @staticmethod
     def transform(config: ImageConfig):
         """timm's eval transform of the image tower: resize, centre crop, tensor, normalise (what a

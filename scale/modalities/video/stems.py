@@ -125,6 +125,10 @@ class FrameStem(VideoStem):
         # Bytes: normalised on the device (`prepare`), a quarter of float frames' collate and copy.
         return {"frames": TensorSpec((config.frames, 3, config.size, config.size), torch.uint8)}
 
+    @classmethod
+    def prepared_tensors(cls, config: VideoConfig) -> dict[str, TensorSpec]:
+        return {"frames": TensorSpec((config.frames, 3, config.size, config.size), torch.float32)}
+
     def prepare(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
         frames = normalise_pixels(inputs["frames"], self.config.mean, self.config.std, self.input_dtype)
         return {**inputs, "frames": frames}
