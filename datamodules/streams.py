@@ -14,7 +14,9 @@ hangs on a rank that ran out.
 generator seeded by (seed, rank, worker, epoch, restart), so no two ranks or workers read the same
 stream. The run length is `trainer.max_steps`.
 
-In both, the shuffle buffer holds *encoded* samples (bytes) and decoding happens after it.
+In both, the shuffle buffer holds *encoded* samples (bytes) and decoding happens after it; a
+stem's fallback file beside its preferred one (the MP4 beside its extracted frames) stays in the
+shard until the decoder asks for it (`tar_reader.DeferredMember`).
 
 **Mid-epoch resume** (exact mode): a stream told to skip the first `skip_batches` batches of the
 epoch replays the same reads and shuffle without decoding and starts where the stopped run stopped.
