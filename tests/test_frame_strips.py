@@ -105,3 +105,28 @@ def test_the_cli_flag_is_checked(tmp_path):
     run = subprocess.run([sys.executable, "-m", "scale.cli", "shards", "--src", str(tmp_path), "--out", str(tmp_path / "o"),
                           "--extract-frames", "12"], cwd=ROOT, capture_output=True, text=True)  # fmt: skip
     assert run.returncode == 2 and "--extract-frames: not FRAMESxSIZE: '12'" in run.stderr
+
+
+def test_a_resumed_epoch_through_workers_is_the_same_with_the_mp4s_left_in_the_shard(converted, monkeypatch):
+    """What a user runs on strip shards: the training stream through 2 workers, epoch 1 and epoch 1
+    resumed after 2 batches. The batches (keys and frames) are the same whether the MP4s beside the
+    strips stay in the shard or are read, and the resumed run yields the batches not yet taken."""
+    from datamodules.decode import SampleDecoder
+    from datamodules.m5product import M5ProductDataModule
+
+    def batches(skip: int) -> list[tuple[list[str], torch.Tensor]]:
+        module = M5ProductDataModule(train_shards=str(converted["matching"]), batch_size=8, num_workers=2,
+                                     mode="exact", shuffle_buffer=10, model_config=tiny_config())  # fmt: skip
+        module.setup("fit")
+        loader = module.train_dataloader()
+        loader.position = lambda: (1, skip)
+        return [(batch["key"], batch["video"]["frames"]) for batch in loader]
+
+    assert SampleDecoder(tiny_config()).deferred_members()["mp4"] == {"frames.jpg"}
+    deferred, resumed = batches(0), batches(2)
+    monkeypatch.setattr(SampleDecoder, "deferred_members", lambda self: {})  # forked workers see it too
+    read = batches(0)
+    assert len(deferred) == len(read) == 5
+    for (keys, frames), (read_keys, read_frames) in zip(deferred, read):
+        assert keys == read_keys and torch.equal(frames, read_frames)
+    assert sorted(k for keys, _ in resumed for k in keys) == sorted(k for keys, _ in deferred[2:] for k in keys)
