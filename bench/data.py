@@ -57,8 +57,6 @@ if str(ROOT) not in sys.path:
 
 MODALITIES = ("text", "table", "image", "video", "audio")
 TARGET_RATIO = 0.90
-SHRINK = 256
-"""`scale shards --shrink-images` side of the benchmark's downscaled images (img2dataset's default)."""
 
 
 # ---- the benchmark media -------------------------------------------------------------------------
@@ -739,7 +737,7 @@ def report(results: dict) -> str:
     for path, value in g["cores_per_gpu"].items():
         lines.append(f"  cores per GPU ({path} pipeline, {g['pipeline_rate'][path]:.2f} samples/s/core): {value:.0f}; "
                      f"with frames extracted at conversion: {g['cores_per_gpu_with_strips'][path]:.0f}; and images "
-                     f"shrunk to {SHRINK}: {g['cores_per_gpu_with_strips_and_small_images'][path]:.0f}")
+                     f"shrunk to {results['small_images']['side']}: {g['cores_per_gpu_with_strips_and_small_images'][path]:.0f}")
     lines += [
         "  cores per GPU through data workers (strips and small images): " + ", ".join(
             f"{count} workers {value:.0f}" for count, value in g["cores_per_gpu_through_workers"].items()),
@@ -808,7 +806,8 @@ def main(argv: list[str] | None = None) -> dict:
     video = compare_video(samples, config.video.frames, config.video.size, args.video_compare)
     strips, extract_s, strip_kb = build_strip_shards(shards, samples, config.video.frames, config.video.size)
     strip_rates = measure_strips(strips, base, paths, args.batch_size, repeats)
-    small, _, _ = build_strip_shards(shards, samples, config.video.frames, config.video.size, shrink=SHRINK)
+    # The downscaled copy at the training size, as the README recommends: the loader's resize is then a no-op.
+    small, _, _ = build_strip_shards(shards, samples, config.video.frames, config.video.size, shrink=config.image.size)
     small_rates = measure_strips(small, base, paths, args.batch_size, repeats, alone="image")
     workers = measure_workers(replicate_shards(small, worker_products), base, args.batch_size, repeats)
     measure_seconds = time.time() - measure_start
@@ -851,7 +850,7 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "video": {"videos": min(args.video_compare, len(samples)), "methods": video},
         "strips": {"extract_cpu_s_per_video": extract_s, "strip_kb": strip_kb, "rates": strip_rates},
-        "small_images": {"side": SHRINK, "rates": small_rates},
+        "small_images": {"side": config.image.size, "rates": small_rates},
         "workers": {"products": workers[0]["samples"], "rates": workers},
         "gpu": {
             "parameters": flops["parameters"],

@@ -18,7 +18,8 @@
    costs at most 10 % of a present one.
 6. feed: CPU cores per GPU needed to feed configs/base.yaml from raw media (bench/data.py), decoding
    the MP4s, with the frames extracted at conversion (`scale shards --extract-frames`) and with
-   the images downscaled at conversion too (`--shrink-images 256`).
+   the images downscaled at conversion too (`--shrink-images` at `image.size`), in one process and
+   through 0, 1 and 2 data workers.
 7. micro: the features config's training step with the batch in 1 and in 4 micro-batches
    (`micro_batches`, the contrastive loss still over the whole batch): s/step and the peak memory
    above weights, gradients and optimizer state (peak RSS on CPU, allocated on a GPU), each in a
@@ -396,6 +397,7 @@ def feed(args: argparse.Namespace) -> dict:
     gpu = results["gpu"]
     return {"cores_per_gpu": gpu["cores_per_gpu"], "cores_per_gpu_with_strips": gpu["cores_per_gpu_with_strips"],
             "cores_per_gpu_with_strips_and_small_images": gpu["cores_per_gpu_with_strips_and_small_images"],
+            "cores_per_gpu_through_workers": gpu["cores_per_gpu_through_workers"],
             "cores_per_gpu_without_video": gpu["cores_per_gpu_at_limit_without_video"],
             "gpu_samples_per_s": gpu["gpu_samples_per_s"], "measured_gpu_rate": gpu["measured_gpu_rate"], "target": 16}
 
@@ -510,6 +512,8 @@ def report(results: dict) -> str:
         lines.append(f"  decoding the MP4s: {cores}; frames extracted at conversion (--extract-frames): {strips}; "
                      f"and images downscaled (--shrink-images): {small}; "
                      f"no video decode at all (features stem): {f['cores_per_gpu_without_video']:.0f}")
+        workers = ", ".join(f"{k} workers {v:.0f}" for k, v in f["cores_per_gpu_through_workers"].items())
+        lines.append(f"  through data workers (strips and small images, the training stream): {workers}")
     if "micro" in results:
         m = results["micro"]
         one, four = m["rows"]["1"], m["rows"]["4"]

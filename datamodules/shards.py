@@ -478,7 +478,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
            "`frames` stem instead of the MP4 when video.frames is T and video.size S, e.g. 12x112")
     a("--shrink-images", type=_side, default=0, metavar="S",
       help="also store each image whose shorter side is over S downscaled to S (small.jpg), decoded by the "
-           "`pixels` stem instead of the original when image.size <= S, e.g. 256")
+           "`pixels` stem instead of the original when image.size <= S; S = image.size (e.g. 224) leaves the "
+           "loader only a crop")
     a("--overwrite", action="store_true", help="replace a conversion of another source / settings in OUT")
 
 

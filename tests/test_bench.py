@@ -61,6 +61,8 @@ def test_data_benchmark_quick_run(tmp_path):
     assert strips["strip_kb"] > 0 and strips["extract_cpu_s_per_video"] > 0
     assert set(gpu["cores_per_gpu_with_strips"]) == set(gpu["cores_per_gpu"])
     assert all(rate > 0 for rate in strips["rates"].values()) and "from the strip" in run.stdout
+    # The small copies are made at the training size, as the README recommends (no resize in the loader).
+    assert results["small_images"]["side"] == 224 and "--shrink-images 224" in run.stdout
     # Through data workers: every product of the replicated set, with 0, 1 and 2 workers.
     workers = results["workers"]
     assert workers["products"] >= 12 and set(workers["rates"]) == {"0", "1", "2"}
