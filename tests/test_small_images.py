@@ -105,3 +105,25 @@ def test_the_cli_flag_is_checked(tmp_path):
     run = subprocess.run([sys.executable, "-m", "scale.cli", "shards", "--src", str(tmp_path), "--out", str(tmp_path / "o"),
                           "--shrink-images", "0"], cwd=ROOT, capture_output=True, text=True)  # fmt: skip
     assert run.returncode == 2 and "--shrink-images: not a side in pixels: '0'" in run.stderr
+
+
+def test_a_copy_at_image_size_is_only_cropped_not_resampled():
+    """The README's advice (`--shrink-images` = `image.size`) rests on the loader's resize being a
+    no-op for such a copy: its pixels are the decoded JPEG's own, centre-cropped (a timm or
+    torchvision change that resampled here would cost the feed x1.15-1.3 and fail this)."""
+    import numpy as np
+
+    from scale.media.image import decode_image
+    from scale.modalities.image import ImageConfig
+    from scale.modalities.image.stems import PixelStem
+
+    config = ImageConfig(size=32, patch=16)
+    original = Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    original.save(buffer, "JPEG")
+    small = shrink_image(buffer.getvalue(), list(shrunk_size(80, 60, config.size)), None)
+    pixels = decode_image(small, PixelStem.byte_transform(config), size=config.size)
+    decoded = torch.from_numpy(np.asarray(Image.open(io.BytesIO(small)).convert("RGB"))).permute(2, 0, 1)
+    assert decoded.shape[1] == config.size  # the copy's shorter side is the training size
+    left = int(round((decoded.shape[2] - config.size) / 2))  # torchvision CenterCrop's offset
+    assert torch.equal(pixels, decoded[:, :, left : left + config.size])
