@@ -37,6 +37,7 @@ import argparse
 import hashlib
 import io
 import json
+import math
 import platform
 import resource
 import statistics
@@ -455,14 +456,19 @@ def pipeline_pass(path: str, shards: Path, config, batch_size: int, modalities: 
         from datamodules.m5product import eval_dataloader
 
         loader = eval_dataloader(str(shards), config, batch_size=batch_size, num_workers=0)
-    samples, present = 0, dict.fromkeys(modalities, 0)
+    samples, present, bitstreams = 0, dict.fromkeys(modalities, 0), {}
     for batch in loader:
         samples += len(batch["key"])
         for modality in modalities:
             present[modality] += int(batch[modality]["present"].sum())
+            if "encoded_length" in batch[modality]:  # decode_on: device
+                bitstreams[modality] = bitstreams.get(modality, 0) + int((batch[modality]["encoded_length"] > 0).sum())
     short = {m: n for m, n in present.items() if n != samples}
     if not samples or short:
         raise RuntimeError(f"pipeline ({path}) decoded only {short} of {samples} samples: decode errors")
+    decoded_here = {m: samples - n for m, n in bitstreams.items() if n != samples}
+    if decoded_here:  # the device row would then time the workers' decoding, not its absence
+        raise RuntimeError(f"pipeline ({path}) with decode_on device decoded {decoded_here} samples in the workers")
     return samples
 
 
@@ -608,6 +614,29 @@ def replicate_shards(folder: Path, products: int) -> Path:
     return out
 
 
+def on_device(base: dict) -> dict:
+    """`base` with the image and the frame strips decoded after the transfer (`decode_on: device`)."""
+    return {**base, **{m: {**base.get(m, {}), "decode_on": "device"} for m in ("image", "video")}}
+
+
+def bitstream_decode_ms(folder: Path) -> float:
+    """CPU milliseconds per product to decode its `small.jpg` and `frames.jpg` with torchvision's
+    `decode_jpeg` (libjpeg-turbo), one thread: the work `decode_on: device` moves off the host."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    streams = [torch.frombuffer(bytearray(files[name]), dtype=torch.uint8) for files in read_samples(folder)
+               for name in ("small.jpg", "frames.jpg") if name in files]  # fmt: skip
+    products = len(read_samples(folder))
+    best = math.inf
+    for _ in range(3):
+        start = time.process_time()
+        for stream in streams:
+            decode_jpeg(stream, mode=ImageReadMode.RGB)
+        best = min(best, time.process_time() - start)
+    return 1e3 * best / products
+
+
 def measure_workers(shards: Path, base: dict, batch_size: int, repeats: int,
                     counts: tuple[int, ...] = WORKER_COUNTS) -> dict[int, dict[str, float]]:  # fmt: skip
     """All five through the exact training stream with 0, 1, 2 data workers: samples per CPU-second
@@ -720,6 +749,12 @@ def report(results: dict) -> str:
     for count, value in w["rates"].items():
         lines.append(f"  {count} workers: {value['rate']:.2f} samples/s/core ({value['wall_rate']:.2f} samples/s wall), "
                      f"x{value['rate'] / w['rates'][0]['rate']:.2f} the in-process rate")  # fmt: skip
+    dd = results["device_decode"]
+    lines.append("  and with the small JPEGs shipped as bitstreams, decoded after the transfer (decode_on: device; "
+                 f"on this CPU torchvision decodes them in {dd['cpu_ms_per_product']:.2f} ms per product):")  # fmt: skip
+    for count, value in dd["rates"].items():
+        lines.append(f"  {count} workers: {value['rate']:.2f} samples/s/core, x{value['rate'] / w['rates'][count]['rate']:.2f} "
+                     f"the rate decoding them in the workers")  # fmt: skip
     g = results["gpu"]
     counted = g.get("measured_train_gflops_per_sample")
     lines += [
@@ -741,6 +776,9 @@ def report(results: dict) -> str:
     lines += [
         "  cores per GPU through data workers (strips and small images): " + ", ".join(
             f"{count} workers {value:.0f}" for count, value in g["cores_per_gpu_through_workers"].items()),
+        "  host cores per GPU with the small JPEGs decoded on the GPU (image.decode_on / video.decode_on device): "
+        + ", ".join(f"{count} workers {value:.0f}" for count, value in g["host_cores_per_gpu_decoding_on_device"].items())
+        + "; the GPU's decode time is not in it (nvJPEG: measure it on a GPU, bench/gpu_check.sh)",
         f"  cores per GPU at the sum-of-parts limit ({g['limit_rate']:.2f} samples/s/core): "
         f"{g['cores_per_gpu_at_limit']:.0f}",
         f"  cores per GPU at the sum-of-parts limit without the MP4 decode, e.g. video.stem=features "
@@ -809,7 +847,11 @@ def main(argv: list[str] | None = None) -> dict:
     # The downscaled copy at the training size, as the README recommends: the loader's resize is then a no-op.
     small, _, _ = build_strip_shards(shards, samples, config.video.frames, config.video.size, shrink=config.image.size)
     small_rates = measure_strips(small, base, paths, args.batch_size, repeats, alone="image")
-    workers = measure_workers(replicate_shards(small, worker_products), base, args.batch_size, repeats)
+    replicated = replicate_shards(small, worker_products)
+    workers = measure_workers(replicated, base, args.batch_size, repeats)
+    # The small JPEGs' bitstreams shipped undecoded (decode_on: device): what the host still pays.
+    device_workers = measure_workers(replicated, on_device(base), args.batch_size, repeats)
+    bitstream_ms = bitstream_decode_ms(small)
     measure_seconds = time.time() - measure_start
 
     flops = count_flops(base, backward=not args.quick)
@@ -852,6 +894,7 @@ def main(argv: list[str] | None = None) -> dict:
         "strips": {"extract_cpu_s_per_video": extract_s, "strip_kb": strip_kb, "rates": strip_rates},
         "small_images": {"side": config.image.size, "rates": small_rates},
         "workers": {"products": workers[0]["samples"], "rates": workers},
+        "device_decode": {"rates": device_workers, "cpu_ms_per_product": bitstream_ms},
         "gpu": {
             "parameters": flops["parameters"],
             "forward_gflops_per_sample": flops["forward_flops_per_sample"] / 1e9,
@@ -868,6 +911,8 @@ def main(argv: list[str] | None = None) -> dict:
             "cores_per_gpu_with_strips": {path: gpu_rate / strip_rates[f"all/{path}"] for path in paths},
             "cores_per_gpu_with_strips_and_small_images": {path: gpu_rate / small_rates[f"all/{path}"] for path in paths},
             "cores_per_gpu_through_workers": {count: gpu_rate / value["rate"] for count, value in workers.items()},
+            "host_cores_per_gpu_decoding_on_device": {count: gpu_rate / value["rate"]
+                                                      for count, value in device_workers.items()},  # fmt: skip
             "limit_rate": limit,
             "cores_per_gpu_at_limit": gpu_rate / limit,
             "limit_rate_without_video": limit_without_video,

@@ -51,11 +51,6 @@ class MissingGroundTruth(ValueError):
     """A task asked for whose ground truth the data does not hold."""
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: ({n: t.to(device, non_blocking=True) for n, t in v.items()} if isinstance(v, dict) else v)
-            for k, v in batch.items()}  # fmt: skip
-
-
 def _only(batch: dict, modalities: list[str]) -> dict:
     """The batch as if its products had only `modalities` (the others absent)."""
     return {k: ({**v, "present": torch.zeros_like(v["present"])} if isinstance(v, dict) and k not in modalities else v)
@@ -88,7 +83,7 @@ def compute_embeddings(model: SCALE, shards: str, batch_size: int = 64, num_work
 
     loader = eval_dataloader(shards, model.config, batch_size, num_workers, labels=labels)
     for batch in tqdm(loader, total=_batches(shards, batch_size), desc="embedding", unit="batch", disable=not progress):
-        batch = _to_device(batch, device)
+        batch = model.prepare(model.batch_to_device(batch, device))  # `present` as the model sees it
         full = model.embed(batch)
         subsets = {tuple(names): full}  # each modality subset embedded once (query and gallery may share one)
         for side, modalities in (("query", query), ("gallery", gallery)):

@@ -2,7 +2,8 @@
 
 One batch, top to bottom (see `datamodules/collate.py` for its layout):
 
-    batch[m] (tensors + `present` mask)  -- sanitize: absent inputs -> zeros
+    batch[m] (tensors + `present` mask)  -- Modality.prepare: the device half of decoding
+                                          -- sanitize: absent inputs -> zeros
       -> Modality.mask (training only)    -- corrupted inputs + masked positions/targets
       -> Modality.encode                  -- (B, L_m, width) tokens, token 0 pooled
       -> Fusion                           -- one transformer over all present segments
@@ -107,6 +108,7 @@ class SCALE(nn.Module):
         (`losses(outputs, details)`) or "embeddings" (`embed`). The training and evaluation steps
         ask for losses or embeddings through this one call: a sharded model (FSDP) gathers its root
         parameters (heads, projections) only for the duration of `forward`."""
+        batch = self.prepare(batch)  # once, before micro-batches (a checkpointed piece would redo it)
         if returns == "losses" and self.config.micro_batches > 1:
             return self._micro_batched_losses(batch, masked_modeling, details)
         output = self._encode_and_fuse(batch, masked_modeling)
@@ -118,11 +120,33 @@ class SCALE(nn.Module):
             raise ValueError(f"SCALE.forward returns={returns!r}: expected outputs, losses or embeddings")
         return output
 
+    def prepare(self, batch: Batch) -> Batch:
+        """Every modality's `prepare` (the device half of decoding) run on the batch: floats from
+        bytes, JPEG bitstreams decoded, `present` narrowed where those fail. Idempotent."""
+        return {**batch, **{name: modality.prepare(batch[name]) for name, modality in self.encoders.items()}}
+
+    def batch_to_device(self, batch: Batch, device: torch.device | str) -> Batch:
+        """The batch on `device`, but for inputs a stem's `prepare` reads in host memory
+        (`TensorSpec.host`); non-tensors as they are."""
+        def move(name: str, key: str, value: Any) -> Any:
+            if not isinstance(value, Tensor) or key in self._host_inputs.get(name, ()):
+                return value
+            return value.to(device, non_blocking=True)
+
+        return {name: ({key: move(name, key, value) for key, value in entry.items()} if isinstance(entry, dict)
+                       else move(name, "", entry)) for name, entry in batch.items()}  # fmt: skip
+
+    @property
+    def _host_inputs(self) -> dict[str, set[str]]:
+        return {name: {key for key, spec in modality.tensors(modality.config).items() if spec.host}
+                for name, modality in self.encoders.items()}  # fmt: skip
+
     def _encode_and_fuse(self, batch: Batch, masked_modeling: bool) -> SCALEOutput:
+        """Over a prepared batch (`prepare`)."""
         present = {name: batch[name]["present"].bool() for name in self.encoders}
         encoded, masked = {}, {}
         for name, modality in self.encoders.items():
-            inputs = modality.sanitize(modality.prepare(batch[name]), present[name])
+            inputs = modality.sanitize(batch[name], present[name])
             corrupted = modality.mask(inputs, present[name]) if masked_modeling else None
             if corrupted is not None:
                 masked[name] = corrupted

@@ -68,6 +68,12 @@ def test_data_benchmark_quick_run(tmp_path):
     assert workers["products"] >= 12 and set(workers["rates"]) == {"0", "1", "2"}
     assert all(value["rate"] > 0 and value["samples"] == workers["products"] for value in workers["rates"].values())
     assert "through data workers" in run.stdout
+    # The same with the small JPEGs decoded after the transfer: every image and strip a bitstream
+    # (pipeline_pass refuses a run in which the workers decoded any), the host's figure printed.
+    device = results["device_decode"]
+    assert set(device["rates"]) == {"0", "1", "2"} and device["cpu_ms_per_product"] > 0
+    assert all(value["rate"] > 0 and value["samples"] == workers["products"] for value in device["rates"].values())
+    assert "decode_on: device" in run.stdout and set(gpu["host_cores_per_gpu_decoding_on_device"]) == {"0", "1", "2"}
 
 
 def test_retrieval_benchmark_small_gallery():

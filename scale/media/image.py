@@ -80,6 +80,17 @@ def decode_image(data: bytes, transform, max_pixels: int | None = None, size: in
         return transform(image.convert("RGB"))  # a truncated or corrupt file raises here
 
 
+def plain_jpeg_size(data: bytes, max_pixels: int | None = None) -> tuple[int, int] | None:
+    """(width, height) from the header when `data` is a JPEG any decoder turns into the same
+    pixels as PIL: baseline (not progressive), three YCbCr components (no grayscale, CMYK or
+    Adobe-transformed RGB). None otherwise, or when it is not a JPEG at all. What may be shipped
+    to the device undecoded (`scale.media.pixels.unpack_pixels`); the header only, no pixel."""
+    with open_image(data, max_pixels) as image:
+        plain = (image.format == "JPEG" and image.mode == "RGB" and not image.info.get("progressive")
+                 and "adobe" not in image.info)  # fmt: skip
+        return image.size if plain else None
+
+
 def jpeg_bound(pixels: int) -> int:
     """Bytes to reserve for a JPEG the converter makes of `pixels` RGB pixels: more than any JPEG
     of them at quality 90 takes (their raw bytes), plus headers."""

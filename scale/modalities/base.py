@@ -25,6 +25,7 @@ Conventions every stem keeps:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -32,6 +33,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from scale.media.pixels import pack_jpeg, pack_pixels, unpack_pixels
 from scale.modalities.spec import DecodeContext, Field, FileField, RawSample
 
 
@@ -44,6 +46,10 @@ class TensorSpec:
     dtype: torch.dtype
     fill: int | float | bool = 0
     """Its value for an absent sample (and, by convention, for padding): 0, or -1 for "none"."""
+    host: bool = False
+    """Kept in host memory when the batch moves to the accelerator (`SCALE.batch_to_device`):
+    bytes that a decoder reading host memory turns into device tensors (JPEG bitstreams for
+    `torchvision.io.decode_jpeg`), consumed by the stem's `prepare`."""
 
     def placeholder(self) -> Tensor:
         return torch.full(self.shape, self.fill, dtype=self.dtype)
@@ -97,6 +103,33 @@ def first_slots_real(batch: int, slots: int) -> Tensor:
     """(batch, slots) bool masks of real slots in which every count from 1 to `slots` occurs
     (cycling): example inputs for stems with padded slots (regions, clips)."""
     return torch.arange(slots)[None, :] < (torch.arange(batch) % slots + 1)[:, None]
+
+
+# ---- pixels decoded on the device (`decode_on: device`; the layout is scale/media/pixels.py's) ------
+def encoded_jpeg(bitstream: bytes, capacity: int) -> dict[str, Tensor]:
+    """A sample's JPEG bitstream, to be decoded by `unpack_on_device`."""
+    return {"encoded": pack_jpeg(bitstream, capacity), "encoded_length": torch.tensor(len(bitstream))}
+
+
+def encoded_pixels(pixels: Tensor) -> dict[str, Tensor]:
+    """A sample's pixels, decoded in the data worker, in the same layout."""
+    return {"encoded": pack_pixels(pixels), "encoded_length": torch.tensor(0)}
+
+
+def unpack_on_device(inputs: dict[str, Tensor], shape: tuple[int, ...], fit: Callable[[Tensor], Tensor | None],
+                     modality: str, values: str = "pixels") -> dict[str, Tensor]:  # fmt: skip
+    """`prepare`'s first step: the batch's `encoded` buffers -> `values` ((B, *shape) uint8, on
+    the device of `present`), with `present` narrowed to the samples whose bitstream decoded
+    (the others become absent, with a warning: a shard from elsewhere than our converter, whose
+    check reads every byte, may hold a corrupt one)."""
+    present = inputs["present"].bool()
+    pixels, decoded = unpack_pixels(inputs["encoded"], inputs["encoded_length"], shape, present.device, fit)
+    failed = int((~decoded).sum())  # host memory: no sync (a row that failed held a bitstream, so was present)
+    if failed:
+        warnings.warn(f"{modality}: {failed} of {len(decoded)} JPEG bitstreams in the batch failed to decode on "
+                      f"{present.device}; those samples' {modality} is taken as absent", stacklevel=3)  # fmt: skip
+    rest = {key: value for key, value in inputs.items() if key not in ("encoded", "encoded_length")}
+    return {**rest, values: pixels, "present": present & decoded.to(present.device, non_blocking=True)}
 
 
 # ---- a stem ----------------------------------------------------------------------------------------
@@ -183,8 +216,10 @@ class Modality(nn.Module):
     def prepare(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
         """The device half of decoding, run on the batch before everything else (default: none):
         what is cheaper on the accelerator than in the data workers, such as turning uint8 pixels
-        into normalised floats or waves into filterbanks. It hands on `prepared_tensors`, and
-        leaves inputs it has already prepared as they are (calling it twice changes nothing)."""
+        into normalised floats or waves into filterbanks. It hands on `prepared_tensors` and
+        `present` (narrowed where bytes fail to decode here: those samples become absent), drops
+        the `host` inputs it consumed, and leaves inputs it has already prepared as they are
+        (calling it twice changes nothing)."""
         return inputs
 
     @classmethod

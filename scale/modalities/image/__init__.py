@@ -62,6 +62,14 @@ class ImageConfig(TrunkConfig):
     """Per-channel normalisation std."""
     zero_prob: float = 0.9
     """Of the chosen patches, the share whose pixels are zeroed (the rest are left intact)."""
+    decode_on: Literal["workers", "device"] = "workers"
+    """`pixels` stem: where JPEGs become pixels. `workers`: in the data workers (PIL). `device`:
+    a baseline JPEG that needs no resize (a `--shrink-images` copy at `size`) travels as its
+    bitstream and is decoded after the transfer (`torchvision.io.decode_jpeg`: nvJPEG on a GPU,
+    so the host's cores are left the rest of the feed); any other image is still decoded in the
+    workers. The same pixels on a CPU (bit for bit); nvJPEG's may differ by a level or two. A
+    bitstream the device cannot decode makes that sample's image absent, with a warning. For
+    GPUs: on a CPU it only moves the work into the training process."""
 
     BOUNDS = {**{"max_regions": AT_LEAST_1, "region_dim": AT_LEAST_1, "size": AT_LEAST_1, "patch": AT_LEAST_1}, "std": POSITIVE, "zero_prob": SHARE}
 

@@ -19,9 +19,10 @@ from torchvision import transforms
 
 from scale.media import MediaError
 from scale.media.arrays import load_npy, pad_rows
-from scale.media.image import decode_image, shorter_side
-from scale.media.pixels import normalise_pixels
-from scale.modalities.base import BuildContext, Encoded, Masked, Modality, TensorSpec, first_slots_real
+from scale.media.image import decode_image, plain_jpeg_size, shorter_side
+from scale.media.pixels import centre_crop, normalise_pixels
+from scale.modalities.base import (BuildContext, Encoded, Masked, Modality, TensorSpec, encoded_jpeg, encoded_pixels,
+                                   first_slots_real, unpack_on_device)
 from scale.modalities.image import BOX_DIM, BOXES, IMAGE, REGIONS, SMALL_IMAGE, TIMM_FOLDER, ImageConfig
 from scale.modalities.masking import MaskedRegression, after_pooled_token, mask_slots
 from scale.modalities.spec import DecodeContext, RawSample
@@ -130,6 +131,9 @@ class PixelStem(Modality):
     @classmethod
     def tensors(cls, config: ImageConfig) -> dict[str, TensorSpec]:
         # Bytes: normalised on the device (`prepare`), a quarter of float pixels' collate and copy.
+        if config.decode_on == "device":  # a bitstream or the worker's pixels (scale/media/pixels.py)
+            return {"encoded": TensorSpec((3 * config.size**2,), torch.uint8, host=True),
+                    "encoded_length": TensorSpec((), torch.int64, host=True)}  # fmt: skip
         return {"pixels": TensorSpec((3, config.size, config.size), torch.uint8)}
 
     @classmethod
@@ -153,13 +157,38 @@ class PixelStem(Modality):
         return transforms.Compose([*steps[:-2], transforms.PILToTensor()])
 
     def prepare(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        if "encoded" in inputs:
+            inputs = unpack_on_device(inputs, (3, self.config.size, self.config.size),
+                                      lambda image: centre_crop(image, self.config.size), "image")  # fmt: skip
         pixels = normalise_pixels(inputs["pixels"], self.config.mean, self.config.std, self.input_dtype)
         return {**inputs, "pixels": pixels}
 
     @classmethod
     def decode(cls, sample: RawSample, config: ImageConfig, context: DecodeContext) -> dict[str, Tensor]:
         """The downscaled copy made at conversion (`small.jpg`) when its shorter side is at least
-        `size`, else the image file -> (3, size, size) uint8."""
+        `size`, else the image file -> (3, size, size) uint8 (with `decode_on: device`, the copy's
+        bitstream when it can go undecoded, `_bitstream`)."""
+        if config.decode_on == "device":
+            bitstream = cls._bitstream(sample, config, context.limits.max_image_pixels)
+            if bitstream is not None:
+                return encoded_jpeg(bitstream, 3 * config.size**2)
+            return encoded_pixels(cls._pixels(sample, config, context)["pixels"])
+        return cls._pixels(sample, config, context)
+
+    @staticmethod
+    def _bitstream(sample: RawSample, config: ImageConfig, max_pixels: int) -> bytes | None:
+        """`decode_on: device`: the small copy's bytes when the device can decode them to what the
+        workers would give (a plain JPEG, shorter side `size`: only cropped); else None."""
+        if not sample.has(SMALL_IMAGE):
+            return None
+        small = sample.read(SMALL_IMAGE)
+        size = plain_jpeg_size(small, max_pixels)
+        fits = size is not None and min(size) == config.size and len(small) <= 3 * config.size**2
+        return small if fits else None
+
+    @classmethod
+    def _pixels(cls, sample: RawSample, config: ImageConfig, context: DecodeContext) -> dict[str, Tensor]:
+        """Decoded in the data worker (`decode`'s first case)."""
         transform = context.cached("image_bytes_transform", lambda: cls.byte_transform(config))
         max_pixels = context.limits.max_image_pixels
         if sample.has(SMALL_IMAGE):

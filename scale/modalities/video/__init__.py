@@ -63,6 +63,10 @@ class VideoConfig(TrunkConfig):
     """Per-channel normalisation mean of decoded frames (as the image's)."""
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     """Per-channel normalisation std of decoded frames."""
+    decode_on: Literal["workers", "device"] = "workers"
+    """`frames` stem: where a frame strip (`--extract-frames`) becomes pixels, as
+    `image.decode_on`: `device` ships the strip's JPEG bitstream and decodes it after the
+    transfer; MP4s are always decoded in the workers."""
 
     BOUNDS = {**{"feature_dim": AT_LEAST_1, "frames": AT_LEAST_1, "size": AT_LEAST_1, "patch": AT_LEAST_1, "target_grid": AT_LEAST_1}, "std": POSITIVE}
 

@@ -10,9 +10,11 @@ from torch import Tensor, nn
 
 from scale.media import MediaError
 from scale.media.arrays import load_npy, pad_rows
-from scale.media.pixels import normalise_pixels
+from scale.media.image import plain_jpeg_size
+from scale.media.pixels import normalise_pixels, strip_frames
 from scale.media.video import read_frames, strip_to_frames
-from scale.modalities.base import BuildContext, Encoded, Masked, Modality, TensorSpec, first_slots_real
+from scale.modalities.base import (BuildContext, Encoded, Masked, Modality, TensorSpec, encoded_jpeg, encoded_pixels,
+                                   first_slots_real, unpack_on_device)
 from scale.modalities.image.stems import image_trunk
 from scale.modalities.masking import MaskedRegression, after_pooled_token, mask_slots
 from scale.modalities.spec import DecodeContext, RawSample
@@ -123,6 +125,9 @@ class FrameStem(VideoStem):
     @classmethod
     def tensors(cls, config: VideoConfig) -> dict[str, TensorSpec]:
         # Bytes: normalised on the device (`prepare`), a quarter of float frames' collate and copy.
+        if config.decode_on == "device":  # a strip's bitstream or the worker's frames (scale/media/pixels.py)
+            return {"encoded": TensorSpec((config.frames * 3 * config.size**2,), torch.uint8, host=True),
+                    "encoded_length": TensorSpec((), torch.int64, host=True)}  # fmt: skip
         return {"frames": TensorSpec((config.frames, 3, config.size, config.size), torch.uint8)}
 
     @classmethod
@@ -130,6 +135,10 @@ class FrameStem(VideoStem):
         return {"frames": TensorSpec((config.frames, 3, config.size, config.size), torch.float32)}
 
     def prepare(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        if "encoded" in inputs:
+            count, size = self.config.frames, self.config.size
+            inputs = unpack_on_device(inputs, (count, 3, size, size), lambda strip: strip_frames(strip, count, size),
+                                      "video", values="frames")  # fmt: skip
         frames = normalise_pixels(inputs["frames"], self.config.mean, self.config.std, self.input_dtype)
         return {**inputs, "frames": frames}
 
@@ -137,7 +146,20 @@ class FrameStem(VideoStem):
     def decode(cls, sample: RawSample, config: VideoConfig, context: DecodeContext) -> dict[str, Tensor]:
         """The frames extracted at conversion (`frames.jpg`) when they are `frames` at `size`, else
         the MP4 decoded, under the limits' time and header limits -> (frames, 3, size, size)
-        uint8."""
+        uint8 (with `decode_on: device`, the strip's bitstream when it is a plain JPEG of those
+        frames)."""
+        if config.decode_on == "device":
+            if sample.has(FRAME_STRIP):
+                strip = sample.read(FRAME_STRIP)
+                fits = len(strip) <= config.frames * 3 * config.size**2
+                if fits and plain_jpeg_size(strip) == (config.size, config.frames * config.size):
+                    return encoded_jpeg(strip, config.frames * 3 * config.size**2)
+            return encoded_pixels(cls._frames(sample, config, context)["frames"])
+        return cls._frames(sample, config, context)
+
+    @classmethod
+    def _frames(cls, sample: RawSample, config: VideoConfig, context: DecodeContext) -> dict[str, Tensor]:
+        """Decoded in the data worker (`decode`'s first case)."""
         limits = context.limits
         frames = None
         if sample.has(FRAME_STRIP):
