@@ -32,6 +32,7 @@ from datamodules.limits import DataLimits
 from datamodules.streams import ExactEpochStream, ResampledStream, plan_epoch, shard_sizes
 from scale.bounds import AT_LEAST_0, AT_LEAST_1, check_value
 from scale.config import ModelConfig
+from scale.modalities import batch_to_device
 from scale.shard_format import list_shards, read_labels
 
 MODES = ("resampled", "exact")
@@ -195,6 +196,10 @@ class M5ProductDataModule(L.LightningDataModule):
         rank, world = self._distributed()
         steps, _ = plan_epoch(list(zip(self.train_urls, self.train_sizes)), rank, world, 1, self.batch_size)
         return steps
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        # Lightning's move, but the inputs a stem decodes from host memory (JPEG bitstreams) stay.
+        return batch_to_device(batch, device, self.model_config)
 
     # ---- loaders -----------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:

@@ -34,7 +34,7 @@ from scale.config import ModelConfig
 from scale.fusion import Fusion
 from scale.harmonization import harmonization_weights, pair_mask, rescale_to_unit_mean
 from scale.losses import contrastive_loss, global_sum
-from scale.modalities import build_modalities
+from scale.modalities import batch_to_device, build_modalities
 from scale.modalities.base import Encoded, Masked
 
 TRANSFORMER_BLOCKS: tuple[type[nn.Module], ...] = (Block, BertLayer)
@@ -126,20 +126,9 @@ class SCALE(nn.Module):
         return {**batch, **{name: modality.prepare(batch[name]) for name, modality in self.encoders.items()}}
 
     def batch_to_device(self, batch: Batch, device: torch.device | str) -> Batch:
-        """The batch on `device`, but for inputs a stem's `prepare` reads in host memory
-        (`TensorSpec.host`); non-tensors as they are."""
-        def move(name: str, key: str, value: Any) -> Any:
-            if not isinstance(value, Tensor) or key in self._host_inputs.get(name, ()):
-                return value
-            return value.to(device, non_blocking=True)
-
-        return {name: ({key: move(name, key, value) for key, value in entry.items()} if isinstance(entry, dict)
-                       else move(name, "", entry)) for name, entry in batch.items()}  # fmt: skip
-
-    @property
-    def _host_inputs(self) -> dict[str, set[str]]:
-        return {name: {key for key, spec in modality.tensors(modality.config).items() if spec.host}
-                for name, modality in self.encoders.items()}  # fmt: skip
+        """The batch on `device`, but for the inputs a stem's `prepare` reads in host memory
+        (`scale.modalities.batch_to_device`)."""
+        return batch_to_device(batch, device, self.config)
 
     def _encode_and_fuse(self, batch: Batch, masked_modeling: bool) -> SCALEOutput:
         """Over a prepared batch (`prepare`)."""

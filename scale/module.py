@@ -104,12 +104,6 @@ class SCALEModule(L.LightningModule):
                 modality.encode = torch.compile(modality.encode)
             self.model.fusion.compile()
 
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        # What Lightning does, but for the inputs a stem decodes from host memory (JPEG bitstreams).
-        if isinstance(batch, dict):
-            return self.model.batch_to_device(batch, device)
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
-
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         # The ~30 parts only on the steps the logger writes: `self.log` costs about 1 ms a call
         # whether or not the value is written (2 % of a smoke step each), and on a GPU finding

@@ -36,8 +36,8 @@ if TYPE_CHECKING:
 
     from scale.modalities.base import Modality
 
-__all__ = ["BUILTIN", "PluginError", "ModalitySpec", "REGISTRY", "batch_layout", "build_modalities", "registry",
-           "spec", "stem_class"]  # fmt: skip
+__all__ = ["BUILTIN", "PluginError", "ModalitySpec", "REGISTRY", "batch_layout", "batch_to_device", "build_modalities",
+           "registry", "spec", "stem_class"]  # fmt: skip
 
 BUILTIN: tuple[str, ...] = ("text", "table", "image", "video", "audio")
 """M5Product's modalities, in the order their token segments are concatenated for fusion."""
@@ -135,3 +135,19 @@ def batch_layout(config) -> dict[str, dict[str, tuple[tuple[int, ...], "torch.dt
         specs = stem_class(config, name).tensors(getattr(config, name))
         layout[name] = {key: (spec.shape, spec.dtype) for key, spec in specs.items()} | {"present": ((), torch.bool)}
     return layout
+
+
+def batch_to_device(batch: dict, device, config) -> dict:
+    """A batch of `config`'s layout on `device`, but for the inputs a stem's `prepare` reads in
+    host memory (`TensorSpec.host`: JPEG bitstreams for `torchvision.io.decode_jpeg`); what is
+    not a tensor as it is. The data module's transfer hook and `SCALE.batch_to_device`."""
+    from torch import Tensor
+
+    host = {name: {key for key, spec in stem_class(config, name).tensors(getattr(config, name)).items() if spec.host}
+            for name in config.modalities}  # fmt: skip
+
+    def move(value, stays: bool = False):
+        return value.to(device, non_blocking=True) if isinstance(value, Tensor) and not stays else value
+
+    return {name: ({key: move(value, key in host.get(name, ())) for key, value in entry.items()}
+                   if isinstance(entry, dict) else move(entry)) for name, entry in batch.items()}  # fmt: skip
