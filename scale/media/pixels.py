@@ -66,15 +66,39 @@ def _decode_jpegs(streams: list[Tensor], device: torch.device) -> list[Tensor | 
         return decoded
 
 
+_side_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _decode_jpegs_on_a_side_stream(streams: list[Tensor], device: torch.device) -> list[Tensor | None]:
+    """`_decode_jpegs` on a CUDA device, from a stream of its own. torchvision's nvJPEG decoder
+    allocates its outputs on the current stream but writes them from a private stream that does
+    not wait for it, so it can overwrite memory that work still queued on the current stream
+    reads (pytorch/vision#9606: reproduced on H100s, not fixed in torchvision, whose decoders are
+    deprecated for TorchCodec's). Called with another stream current, the outputs come from that
+    stream's pool, which only these decodes use (the repro's `--caller-stream side` control is
+    clean); `record_stream` keeps the allocator from recycling them while the training stream
+    still reads them."""
+    caller = torch.cuda.current_stream(device)
+    side = _side_streams.setdefault(device, torch.cuda.Stream(device))
+    side.wait_stream(caller)
+    with torch.cuda.stream(side):
+        decoded = _decode_jpegs(streams, device)
+    caller.wait_stream(side)
+    for image in decoded:
+        if image is not None:
+            image.record_stream(caller)
+    return decoded
+
+
 def unpack_pixels(buffers: Tensor, lengths: Tensor, shape: tuple[int, ...], device: torch.device,
                   fit: Callable[[Tensor], Tensor | None]) -> tuple[Tensor, Tensor]:  # fmt: skip
     """(B, capacity) buffers and (B,) lengths (see above) -> (B, *shape) uint8 pixels on `device`
     and a (B,) bool in host memory (read without a device sync), False where a bitstream failed
     to decode or `fit` (decoded (3, H, W) -> `shape`, or None when it cannot) refused it; those
-    rows are zeros. The bitstreams must be in
-    host memory (torchvision's decoders read them there): buffers found on an accelerator are
-    copied back first, which is correct but slow (`TensorSpec.host` keeps them on the host)."""
-    lengths = lengths.cpu()
+    rows are zeros. The bitstreams must be in host memory (torchvision's decoders read them
+    there): buffers found on an accelerator are copied back first, which is correct but slow
+    (`TensorSpec.host` keeps them on the host)."""
+    device, lengths = torch.device(device), lengths.cpu()
     pixels = torch.zeros((buffers.shape[0], *shape), dtype=torch.uint8, device=device)
     decodable = torch.ones(buffers.shape[0], dtype=torch.bool)
     raw = (lengths == 0).nonzero().flatten()
@@ -83,7 +107,8 @@ def unpack_pixels(buffers: Tensor, lengths: Tensor, shape: tuple[int, ...], devi
     coded = (lengths > 0).nonzero().flatten().tolist()
     if coded:
         host = buffers.cpu()
-        decoded = _decode_jpegs([host[row, : int(lengths[row])] for row in coded], torch.device(device))
+        decode = _decode_jpegs_on_a_side_stream if device.type == "cuda" else _decode_jpegs
+        decoded = decode([host[row, : int(lengths[row])] for row in coded], device)
         for row, image in zip(coded, decoded):
             fitted = None if image is None else fit(image)
             if fitted is None:

@@ -47,7 +47,7 @@ class TensorSpec:
     fill: int | float | bool = 0
     """Its value for an absent sample (and, by convention, for padding): 0, or -1 for "none"."""
     host: bool = False
-    """Kept in host memory when the batch moves to the accelerator (`SCALE.batch_to_device`):
+    """Kept in host memory when the batch moves to the accelerator (`scale.modalities.batch_to_device`):
     bytes that a decoder reading host memory turns into device tensors (JPEG bitstreams for
     `torchvision.io.decode_jpeg`), consumed by the stem's `prepare`."""
 
