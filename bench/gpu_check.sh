@@ -37,6 +37,14 @@ for where in workers device; do
     SHARDS="$OUT/small_shards" run "smoke_small_jpegs_on_$where" --config configs/smoke.yaml --trainer.precision bf16-mixed --trainer.max_steps 60 \
         --data.val_shards null --data.num_workers 8 --model.config.image.decode_on "$where" --model.config.video.decode_on "$where"
 done
+# nvJPEG against the CPU's decoder, its time per batch of 64, and the stream hazard of
+# pytorch/vision#9606, at the smoke's sizes and at base.yaml's (224-px images, 12 frames of 112).
+$SCALE demo-data --out "$OUT/raw_base" --products 64 --seed 1 --image-size 320 --video-size 160 --video-seconds 4 \
+    --workers 8 > /dev/null
+$SCALE shards --src "$OUT/raw_base" --out "$OUT/base_shards" --shrink-images 224 --extract-frames 12x112 > /dev/null
+{ .venv/bin/python bench/gpu_decode_check.py --shards "$OUT/small_shards" --image-size 64 --frames 4 --frame-size 32
+  .venv/bin/python bench/gpu_decode_check.py --shards "$OUT/base_shards" --image-size 224 --frames 12 --frame-size 112
+} 2>&1 | tee "$OUT/gpu_decode.log" | grep -E "GPU_DECODE|rror" || true
 for strategy in ddp fsdp deepspeed_zero2; do
     run "features_$strategy" --config configs/m5product_features.yaml --config "configs/strategy/$strategy.yaml" \
         --trainer.max_steps 25 --data.batch_size 32 --data.num_workers 8 --data.shuffle_buffer 200 \

@@ -7,7 +7,10 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import json
 import math
+import subprocess
+import sys
 import tarfile
 import warnings
 
@@ -21,7 +24,7 @@ from datamodules.m5product import M5ProductDataModule, eval_dataloader
 from datamodules.shards import write_shards
 from scale.media.pixels import centre_crop, unpack_pixels
 from scale.model import SCALE
-from tests.conftest import TINY_YAML, tiny_config
+from tests.conftest import ROOT, TINY_YAML, tiny_config
 from tests.test_checkpoints import run_fit
 
 
@@ -187,3 +190,19 @@ def test_scale_fit_trains_with_bitstreams_through_data_workers(shards, tmp_path)
     assert len(logged) == 6 and all(math.isfinite(float(row["train/loss"])) for row in logged)
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["hyper_parameters"]["config"]["image"]["decode_on"] == "device"
+
+
+def test_the_gpu_decode_check_runs_here_on_the_cpu(shards):
+    """`bench/gpu_decode_check.py`, which `bench/gpu_check.sh` runs on a GPU: on the CPU the same
+    decoder on both sides, so the pixels are equal and no queued sum is overwritten."""
+    config = tiny_config()
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_decode_check.py"), "--shards", str(shards["clean"]),
+                          "--image-size", str(config.image.size), "--frames", str(config.video.frames),
+                          "--frame-size", str(config.video.size), "--iterations", "2"],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads(run.stdout.split("GPU_DECODE ", 1)[1])
+    assert [row["name"] for row in report["rows"]] == ["images", "strips"]
+    for row in report["rows"]:
+        assert row["batch"] > 0 and row["checked_sums"] == 8 and row["corrupted_sums"] == 0
+        assert row["max_level_difference"] == 0 and row["decode_ms_best"] > 0
