@@ -19,7 +19,7 @@
 6. feed: CPU cores per GPU needed to feed configs/base.yaml from raw media (bench/data.py), decoding
    the MP4s, with the frames extracted at conversion (`scale shards --extract-frames`) and with
    the images downscaled at conversion too (`--shrink-images` at `image.size`), in one process and
-   through 0, 1 and 2 data workers.
+   through 0, 1 and 2 data workers, and with the small JPEGs decoded on the GPU (host cores only).
 7. micro: the features config's training step with the batch in 1 and in 4 micro-batches
    (`micro_batches`, the contrastive loss still over the whole batch): s/step and the peak memory
    above weights, gradients and optimizer state (peak RSS on CPU, allocated on a GPU), each in a
@@ -398,6 +398,7 @@ def feed(args: argparse.Namespace) -> dict:
     return {"cores_per_gpu": gpu["cores_per_gpu"], "cores_per_gpu_with_strips": gpu["cores_per_gpu_with_strips"],
             "cores_per_gpu_with_strips_and_small_images": gpu["cores_per_gpu_with_strips_and_small_images"],
             "cores_per_gpu_through_workers": gpu["cores_per_gpu_through_workers"],
+            "host_cores_per_gpu_decoding_on_device": gpu["host_cores_per_gpu_decoding_on_device"],
             "cores_per_gpu_without_video": gpu["cores_per_gpu_at_limit_without_video"],
             "gpu_samples_per_s": gpu["gpu_samples_per_s"], "measured_gpu_rate": gpu["measured_gpu_rate"], "target": 16}
 
@@ -514,6 +515,8 @@ def report(results: dict) -> str:
                      f"no video decode at all (features stem): {f['cores_per_gpu_without_video']:.0f}")
         workers = ", ".join(f"{k} workers {v:.0f}" for k, v in f["cores_per_gpu_through_workers"].items())
         lines.append(f"  through data workers (strips and small images, the training stream): {workers}")
+        on_device = ", ".join(f"{k} workers {v:.0f}" for k, v in f["host_cores_per_gpu_decoding_on_device"].items())
+        lines.append(f"  and those JPEGs decoded on the GPU (decode_on: device), host cores only: {on_device}")
     if "micro" in results:
         m = results["micro"]
         one, four = m["rows"]["1"], m["rows"]["4"]
