@@ -625,9 +625,10 @@ def bitstream_decode_ms(folder: Path) -> float:
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    streams = [torch.frombuffer(bytearray(files[name]), dtype=torch.uint8) for files in read_samples(folder)
+    samples = read_samples(folder)
+    streams = [torch.frombuffer(bytearray(files[name]), dtype=torch.uint8) for files in samples
                for name in ("small.jpg", "frames.jpg") if name in files]  # fmt: skip
-    products = len(read_samples(folder))
+    products = len(samples)
     best = math.inf
     for _ in range(3):
         start = time.process_time()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tarfile
 import time
@@ -25,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scale.media.pixels import centre_crop, strip_frames, unpack_pixels  # noqa: E402
+from scale.media.pixels import centre_crop, pack_jpeg, strip_frames, unpack_pixels  # noqa: E402
 
 
 def bitstreams(shards: Path, suffix: str, limit: int) -> list[bytes]:
@@ -39,17 +40,12 @@ def bitstreams(shards: Path, suffix: str, limit: int) -> list[bytes]:
 
 
 def packed(streams: list[bytes], capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
-    buffers = torch.zeros(len(streams), capacity, dtype=torch.uint8)
-    for row, data in enumerate(streams):
-        buffers[row, : len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    buffers = torch.stack([pack_jpeg(data, capacity) for data in streams])
     return buffers.pin_memory() if torch.cuda.is_available() else buffers, torch.tensor([len(d) for d in streams])
 
 
 def check(name: str, streams: list[bytes], shape: tuple[int, ...], fit, device: torch.device, iterations: int) -> dict:
-    capacity = 1
-    for side in shape:
-        capacity *= side
-    buffers, lengths = packed(streams, capacity)
+    buffers, lengths = packed(streams, math.prod(shape))
     reference, reference_ok = unpack_pixels(buffers, lengths, shape, torch.device("cpu"), fit)
     corrupted, worst, seconds = 0, 0, []
     big = torch.randn(4096 if device.type == "cuda" else 256, 4096 if device.type == "cuda" else 256, device=device)

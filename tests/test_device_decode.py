@@ -22,7 +22,7 @@ from PIL import Image
 from datamodules.limits import DataLimits
 from datamodules.m5product import M5ProductDataModule, eval_dataloader
 from datamodules.shards import write_shards
-from scale.media.pixels import centre_crop, unpack_pixels
+from scale.media.pixels import centre_crop, pack_jpeg, unpack_pixels
 from scale.model import SCALE
 from tests.conftest import ROOT, TINY_YAML, tiny_config
 from tests.test_checkpoints import run_fit
@@ -149,10 +149,8 @@ def test_a_bitstream_that_fails_on_the_device_makes_that_sample_absent_and_nothi
 
     streams = [jpeg(40, 32), _cut_scan(jpeg(40, 32)), jpeg(48, 48), jpeg(32, 40)]
     capacity = 3 * 32 * 32
-    buffers = torch.zeros(5, capacity, dtype=torch.uint8)
-    for row, stream in enumerate(streams):
-        buffers[row, : len(stream)] = torch.frombuffer(bytearray(stream), dtype=torch.uint8)
-    buffers[4] = torch.full((capacity,), 7, dtype=torch.uint8)  # pixels a worker decoded
+    worker_pixels = torch.full((capacity,), 7, dtype=torch.uint8)  # pixels a worker decoded
+    buffers = torch.stack([*(pack_jpeg(stream, capacity) for stream in streams), worker_pixels])
     lengths = torch.tensor([len(s) for s in streams] + [0])
     pixels, decoded = unpack_pixels(buffers, lengths, (3, 32, 32), torch.device("cpu"), lambda im: centre_crop(im, 32))
     assert decoded.tolist() == [True, False, False, True, True] and decoded.device.type == "cpu"

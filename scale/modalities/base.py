@@ -106,6 +106,13 @@ def first_slots_real(batch: int, slots: int) -> Tensor:
 
 
 # ---- pixels decoded on the device (`decode_on: device`; the layout is scale/media/pixels.py's) ------
+def encoded_tensors(capacity: int) -> dict[str, TensorSpec]:
+    """A stem's batch layout with `decode_on: device`: a bitstream or the worker's pixels in a
+    (capacity,) buffer (the pixels' size), and its length (0: pixels), both kept on the host."""
+    return {"encoded": TensorSpec((capacity,), torch.uint8, host=True),
+            "encoded_length": TensorSpec((), torch.int64, host=True)}  # fmt: skip
+
+
 def encoded_jpeg(bitstream: bytes, capacity: int) -> dict[str, Tensor]:
     """A sample's JPEG bitstream, to be decoded by `unpack_on_device`."""
     return {"encoded": pack_jpeg(bitstream, capacity), "encoded_length": torch.tensor(len(bitstream))}
@@ -128,7 +135,7 @@ def unpack_on_device(inputs: dict[str, Tensor], shape: tuple[int, ...], fit: Cal
     if failed:
         warnings.warn(f"{modality}: {failed} of {len(decoded)} JPEG bitstreams in the batch failed to decode on "
                       f"{present.device}; those samples' {modality} is taken as absent", stacklevel=3)  # fmt: skip
-    rest = {key: value for key, value in inputs.items() if key not in ("encoded", "encoded_length")}
+    rest = {key: value for key, value in inputs.items() if key not in encoded_tensors(0)}
     return {**rest, values: pixels, "present": present & decoded.to(present.device, non_blocking=True)}
 
 

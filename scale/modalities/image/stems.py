@@ -22,7 +22,7 @@ from scale.media.arrays import load_npy, pad_rows
 from scale.media.image import decode_image, plain_jpeg_size, shorter_side
 from scale.media.pixels import centre_crop, normalise_pixels
 from scale.modalities.base import (BuildContext, Encoded, Masked, Modality, TensorSpec, encoded_jpeg, encoded_pixels,
-                                   first_slots_real, unpack_on_device)
+                                   encoded_tensors, first_slots_real, unpack_on_device)
 from scale.modalities.image import BOX_DIM, BOXES, IMAGE, REGIONS, SMALL_IMAGE, TIMM_FOLDER, ImageConfig
 from scale.modalities.masking import MaskedRegression, after_pooled_token, mask_slots
 from scale.modalities.spec import DecodeContext, RawSample
@@ -95,6 +95,11 @@ def _mismatches(expected: dict[str, Tensor], found: dict[str, Any]) -> Iterator[
             yield f"the checkpoint holds {key!r}, which this config's ViT does not have"
 
 
+def _capacity(config: ImageConfig) -> int:
+    """Bytes of a sample's (3, size, size) pixels: the `decode_on: device` buffer."""
+    return 3 * config.size**2
+
+
 class PixelStem(Modality):
     modality = "image"
     stem = "pixels"
@@ -132,8 +137,7 @@ class PixelStem(Modality):
     def tensors(cls, config: ImageConfig) -> dict[str, TensorSpec]:
         # Bytes: normalised on the device (`prepare`), a quarter of float pixels' collate and copy.
         if config.decode_on == "device":  # a bitstream or the worker's pixels (scale/media/pixels.py)
-            return {"encoded": TensorSpec((3 * config.size**2,), torch.uint8, host=True),
-                    "encoded_length": TensorSpec((), torch.int64, host=True)}  # fmt: skip
+            return encoded_tensors(_capacity(config))
         return {"pixels": TensorSpec((3, config.size, config.size), torch.uint8)}
 
     @classmethod
@@ -171,7 +175,7 @@ class PixelStem(Modality):
         if config.decode_on == "device":
             bitstream = cls._bitstream(sample, config, context.limits.max_image_pixels)
             if bitstream is not None:
-                return encoded_jpeg(bitstream, 3 * config.size**2)
+                return encoded_jpeg(bitstream, _capacity(config))
             return encoded_pixels(cls._pixels(sample, config, context)["pixels"])
         return cls._pixels(sample, config, context)
 
@@ -183,7 +187,7 @@ class PixelStem(Modality):
             return None
         small = sample.read(SMALL_IMAGE)
         size = plain_jpeg_size(small, max_pixels)
-        fits = size is not None and min(size) == config.size and len(small) <= 3 * config.size**2
+        fits = size is not None and min(size) == config.size and len(small) <= _capacity(config)
         return small if fits else None
 
     @classmethod

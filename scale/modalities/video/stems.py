@@ -14,7 +14,7 @@ from scale.media.image import plain_jpeg_size
 from scale.media.pixels import normalise_pixels, strip_frames
 from scale.media.video import read_frames, strip_to_frames
 from scale.modalities.base import (BuildContext, Encoded, Masked, Modality, TensorSpec, encoded_jpeg, encoded_pixels,
-                                   first_slots_real, unpack_on_device)
+                                   encoded_tensors, first_slots_real, unpack_on_device)
 from scale.modalities.image.stems import image_trunk
 from scale.modalities.masking import MaskedRegression, after_pooled_token, mask_slots
 from scale.modalities.spec import DecodeContext, RawSample
@@ -110,6 +110,11 @@ class PixelPatches(nn.Module):
         return layout + self.peaks(colour.amax(dim=(-1, -2)))
 
 
+def _capacity(config: VideoConfig) -> int:
+    """Bytes of a sample's (frames, 3, size, size) frames: the `decode_on: device` buffer."""
+    return config.frames * 3 * config.size**2
+
+
 class FrameStem(VideoStem):
     stem = "frames"
     reads = (FRAME_STRIP, VIDEO)
@@ -126,8 +131,7 @@ class FrameStem(VideoStem):
     def tensors(cls, config: VideoConfig) -> dict[str, TensorSpec]:
         # Bytes: normalised on the device (`prepare`), a quarter of float frames' collate and copy.
         if config.decode_on == "device":  # a strip's bitstream or the worker's frames (scale/media/pixels.py)
-            return {"encoded": TensorSpec((config.frames * 3 * config.size**2,), torch.uint8, host=True),
-                    "encoded_length": TensorSpec((), torch.int64, host=True)}  # fmt: skip
+            return encoded_tensors(_capacity(config))
         return {"frames": TensorSpec((config.frames, 3, config.size, config.size), torch.uint8)}
 
     @classmethod
@@ -151,9 +155,9 @@ class FrameStem(VideoStem):
         if config.decode_on == "device":
             if sample.has(FRAME_STRIP):
                 strip = sample.read(FRAME_STRIP)
-                fits = len(strip) <= config.frames * 3 * config.size**2
+                fits = len(strip) <= _capacity(config)
                 if fits and plain_jpeg_size(strip) == (config.size, config.frames * config.size):
-                    return encoded_jpeg(strip, config.frames * 3 * config.size**2)
+                    return encoded_jpeg(strip, _capacity(config))
             return encoded_pixels(cls._frames(sample, config, context)["frames"])
         return cls._frames(sample, config, context)
 
