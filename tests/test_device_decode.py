@@ -204,3 +204,25 @@ def test_the_gpu_decode_check_runs_here_on_the_cpu(shards):
     for row in report["rows"]:
         assert row["batch"] > 0 and row["checked_sums"] == 8 and row["corrupted_sums"] == 0
         assert row["max_level_difference"] == 0 and row["decode_ms_best"] > 0
+
+
+@pytest.mark.slow
+def test_two_process_ddp_fit_decoding_on_the_device_equals_decoding_in_the_workers(shards, tmp_path):
+    """`scale fit` on 2 processes (DDP, exact epochs, a data worker each) over the mixed shards,
+    through an epoch boundary: the bitstreams each rank decodes after its own transfer, with the
+    cut copy made absent on the rank that reads it, train the same weights as the workers' pixels."""
+    weights = {}
+    for where in ("workers", "device"):
+        run = run_fit("--config", str(TINY_YAML), "--data.train_shards", str(shards["mixed"]),
+                      "--trainer.default_root_dir", str(tmp_path / where), "--trainer.devices", "2",
+                      "--trainer.strategy", "ddp", "--trainer.max_steps", "4", "--data.mode", "exact",
+                      "--data.batch_size", "8", "--data.num_workers", "1", "--model.config.image.decode_on", where,
+                      "--model.config.video.decode_on", where)  # fmt: skip
+        assert run.returncode == 0, run.stderr[-3000:]
+        state = torch.load(tmp_path / where / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+        assert state["global_step"] == 4 and state["epoch"] == 1  # 40 products: 3 steps of 2 x 8 (the last 2 x 4) per epoch
+        weights[where] = state["state_dict"]
+    assert "JPEG bitstreams in the batch failed to decode" in run.stderr
+    assert weights["device"].keys() == weights["workers"].keys()
+    for name, value in weights["workers"].items():
+        torch.testing.assert_close(weights["device"][name], value, rtol=0, atol=0, msg=name)
