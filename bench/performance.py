@@ -239,17 +239,25 @@ def peer(args: argparse.Namespace) -> dict:
     model, optimizer = build(config)
     ours_batch = make_batch(config, batch)
     ours_batch["image"]["pixels"] = images
+    from torch.utils.flop_counter import FlopCounterMode
+
     results = {}
     for label, fn in (("open_clip", clip_step), ("scale", lambda: train_step(model, optimizer, ours_batch))):
         if DEVICE.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        seconds = seconds_per_call(fn, args.steps)
+        counter = FlopCounterMode(display=False)
+        with counter:  # one step, also the warm-up: the two steps differ in work (ours has the fusion layer)
+            fn()
+        seconds = seconds_per_call(fn, args.steps, warmup=0)
         memory = torch.cuda.max_memory_allocated() / 2**20 if DEVICE.type == "cuda" else None
-        results[label] = {"samples_per_s": batch / seconds, "peak_mib": memory}
+        results[label] = {"samples_per_s": batch / seconds, "peak_mib": memory,
+                          "gflops_per_sample": counter.get_total_flops() / batch / 1e9}
     parameters = {"open_clip": sum(p.numel() for p in clip.parameters()), "scale": sum(p.numel() for p in model.parameters())}
     return {"batch": batch, "width": width, "layers": layers, "image_size": size, "text_tokens": text_len,
             "parameters": parameters, **results,
-            "ratio": results["scale"]["samples_per_s"] / results["open_clip"]["samples_per_s"]}
+            "ratio": results["scale"]["samples_per_s"] / results["open_clip"]["samples_per_s"],
+            "flop_rate_ratio": (results["scale"]["samples_per_s"] * results["scale"]["gflops_per_sample"])
+            / (results["open_clip"]["samples_per_s"] * results["open_clip"]["gflops_per_sample"])}
 
 
 # ---- 4. contrastive scaling -------------------------------------------------------------------------
@@ -490,8 +498,9 @@ def report(results: dict) -> str:
         mem = lambda r: f", peak {r['peak_mib']:.0f} MiB" if r["peak_mib"] else ""  # noqa: E731
         lines.append(f"\n3. peer: image-text, width {p['width']} x {p['layers']} layers, {p['image_size']} px, batch {p['batch']}")
         for label in ("open_clip", "scale"):
-            lines.append(f"  {label:10s} {p[label]['samples_per_s']:.1f} samples/s{mem(p[label])}, {p['parameters'][label] / 1e6:.1f} M parameters")
-        lines.append(f"  scale / open_clip: x{p['ratio']:.2f} (target >= 1.0)")
+            lines.append(f"  {label:10s} {p[label]['samples_per_s']:.1f} samples/s{mem(p[label])}, {p['parameters'][label] / 1e6:.1f} M parameters, "
+                         f"{p[label]['gflops_per_sample']:.2f} GFLOP/sample (counted)")
+        lines.append(f"  scale / open_clip: x{p['ratio']:.2f} samples/s (target >= 1.0), x{p['flop_rate_ratio']:.2f} FLOP/s")
     if "contrastive" in results:
         c = results["contrastive"]
         lines.append(f"\n4. contrastive loss, {c['processes']} processes, {c['modalities']} modalities, dim {c['dim']} (fwd + bwd per rank)")
