@@ -63,7 +63,8 @@ bench-retrieval: install
 
 # The seven performance benchmarks of docs/performance.md (utilisation, framework overhead, open_clip
 # peer, contrastive scaling, absent modalities, raw-media feed, micro-batches): about 15 min on 2 CPU
-# cores (18 with the first install); on a GPU it runs there. The robustness, data, converter and retrieval benchmarks keep their own targets.
+# cores (18 with the first install); on a GPU it runs there. The robustness, data, converter and
+# retrieval benchmarks keep their own targets.
 bench: install
 	$(PY) bench/performance.py --out outputs/bench-performance
 

@@ -204,6 +204,7 @@ def peer(args: argparse.Namespace) -> dict:
         subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "open-clip-torch", "ftfy", "wcwidth"], check=True)
         import open_clip
     from open_clip.loss import ClipLoss
+    from torch.utils.flop_counter import FlopCounterMode
 
     width, layers, heads, size, patch, text_len = (64, 2, 2, 32, 16, 16) if args.quick else (384, 6, 6, 224, 16, 36)
     batch = args.peer_batch
@@ -239,8 +240,6 @@ def peer(args: argparse.Namespace) -> dict:
     model, optimizer = build(config)
     ours_batch = make_batch(config, batch)
     ours_batch["image"]["pixels"] = images
-    from torch.utils.flop_counter import FlopCounterMode
-
     results = {}
     for label, fn in (("open_clip", clip_step), ("scale", lambda: train_step(model, optimizer, ours_batch))):
         if DEVICE.type == "cuda":
@@ -372,10 +371,10 @@ def absent(args: argparse.Namespace) -> dict:
 
     # The share each row is labelled with is the one it has: round(0.2 * 8) = 2 rows are 25 %.
     counts = sorted({round(share * size) for share in (0.0, 0.2, 0.5, 0.8, 1.0)})
-    shares = {f"{round(100 * count / size)} % missing video+audio": count / size for count in counts}
-    cases = {label: (missing_video_audio(round(share * size)), None) for label, share in shares.items()}
+    missing = {f"{round(100 * count / size)} % missing video+audio": count for count in counts}
+    cases = {label: (missing_video_audio(count), None) for label, count in missing.items()}
     cases["M5Product-like"] = m5product_like()
-    every, none = next(iter(shares)), list(shares)[-1]
+    every, none = next(iter(missing)), list(missing)[-1]
     rows: dict[str, dict[str, float]] = {}
     for packed in (True, False):
         config = model_config("m5product_features.yaml", pack_tokens=packed) if not args.quick else tiny("m5product_features.yaml")
@@ -398,7 +397,8 @@ def absent(args: argparse.Namespace) -> dict:
     # Each mode against its own all-present step: padded pays ~100 % by construction.
     for unit, suffix, modes in (("flops", "_gflops", ("packed", "padded")), ("time", "", ("packed",))):
         present_cost = rows[every][f"packed{suffix}"] - rows[none][f"packed{suffix}"]
-        for label, share in shares.items():
+        for label, count in missing.items():
+            share = count / size
             if label not in (every, none):
                 for mode in modes:
                     excess = rows[label][f"{mode}{suffix}"] - (rows[every][f"{mode}{suffix}"] - share * present_cost)

@@ -5,14 +5,14 @@ segment and the padding of a short title are real work for the attention and the
 key mask gives them zero weight. Here each sample's real tokens are moved to the front (a stable
 sort of its mask, so their order is kept), the samples are sorted by their number of real tokens,
 and consecutive ones form a bucket while each is padded by at most `max_padding` of the bucket's
-length; every bucket runs at the length of its longest sample.
+length; every bucket runs at the length of its longest sample. The outputs go back to their
+original positions; every position that is not a real token gets zeros.
 
 The bound is per sample, not per bucket: with a bound on the bucket's total padding, a few samples
 missing a large modality joined a big bucket of complete ones and paid for that modality in full
 (2 of 8 products without video and audio: 28 % of their cost still paid, in counted FLOPs). Per
 sample, a missing segment longer than `max_padding` of the sequence is never computed, and any
-padding is at most that share of a sample's work. The outputs go back to their
-original positions; every position that is not a real token gets zeros.
+padding is at most that share of a sample's work.
 
 Exact: a token attends to the same keys (its sample's real tokens) as in the padded batch, with the
 same positional embeddings (added before the tokens move), and every other layer acts per token;
